@@ -1,0 +1,92 @@
+"""Turning a forked child into a standby rank process.
+
+A standby is forked ahead of time (from the agent, or from the zygote once it has imported
+torch) and waits on its control socket for one job. Forking only ever happens from a
+single-threaded process that has never initialised CUDA, which is what makes it safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import io
+import os
+import signal
+import sys
+import traceback
+
+CTRL_FD = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (the dead-man switch)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the agent's EOF handling still kills us
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def fork_standby(secret: bytes, ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int:
+    """Fork a standby rank wired to the given descriptors; returns the child's pid."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        _become_standby(parent, ctrl_fd, out_fd, err_fd)
+        from .rank import serve
+
+        status = serve(secret, preloaded)
+    except BaseException:
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _become_standby(parent: int, ctrl_fd: int, out_fd: int, err_fd: int) -> None:
+    os.setpgid(0, 0)  # own process group: cancel kills the rank and whatever it spawned
+    die_with_parent(parent)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Park the three descriptors high, then move them to 1, 2 and 3 and close the rest.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (out_fd, err_fd, ctrl_fd)]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for target, fd in zip((1, 2, CTRL_FD), high):
+        os.dup2(fd, target)
+    _close_fds_above(CTRL_FD)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+    import faulthandler
+
+    faulthandler.enable(sys.stderr)
+    # Forked children share the parent's RNG state; Python's random reseeds itself, numpy not.
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def _close_fds_above(keep: int) -> None:
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(keep + 1, 4096)
+        return
+    for fd in fds:
+        if fd > keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,333 @@
+"""The node agent: one per node, started by a backend as ``python -m lepton_magic.agent``.
+
+It speaks the protocol with the kernel over stdin/stdout and runs a single-threaded selector
+loop (which is what makes forking from it safe). It keeps standby rank processes ready, hands
+each job to them, relays their signed frames to the kernel untouched, turns their stdout and
+stderr into log lines, samples telemetry, and kills their process groups on cancel. When the
+kernel goes away (its end of stdin closes, even after ``kill -9``) it kills everything and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+import msgpack
+
+from .. import __version__
+from ..protocol import (
+    SECRET_SIZE,
+    VERSION,
+    FrameSplitter,
+    FrameWriter,
+    ProtocolError,
+    decode_body,
+    encode,
+    read_exact,
+)
+from . import facts, zygote
+from .forking import fork_standby
+
+HEARTBEAT_SECONDS = 2.0
+#: After SIGTERM a rank has this long to exit before SIGKILL.
+KILL_GRACE_SECONDS = 2.0
+
+
+class RankProcess:
+    """A standby rank, or a rank running a job: its descriptors and what we know of it."""
+
+    def __init__(self, ctrl: socket.socket, out_fd: int, err_fd: int, secret: bytes):
+        self.ctrl = ctrl
+        self.out_fd = out_fd
+        self.err_fd = err_fd
+        self.pid: int | None = None
+        self.greeted = False
+        self.preloaded = False
+        self.run: str | None = None
+        self.rank: int | None = None
+        self.splitter = FrameSplitter(secret, "rank")
+        self.partial = {1: b"", 2: b""}
+        self.open = 3
+        self.killed: str | None = None
+        self.kill_at: float | None = None
+        self.kill_pending: int | None = None  # a signal to send as soon as the pid is known
+
+    def signal(self, sig: int) -> None:
+        if self.pid is None:
+            self.kill_pending = sig
+            return
+        for target in (lambda: os.killpg(self.pid, sig), lambda: os.kill(self.pid, sig)):
+            try:
+                target()
+                return
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
+class Agent:
+    def __init__(self, node: str, secret: bytes, kernel_in: int, kernel_out: int, preload: list[str]):
+        self.node = node
+        self.secret = secret
+        self.preload = preload
+        self.kernel_in = kernel_in
+        self.out = FrameWriter(kernel_out, secret)
+        self.inbox = FrameSplitter(secret, "kernel")
+        self.sel = selectors.DefaultSelector()
+        self.ranks: list[RankProcess] = []
+        self.want_standbys = 1
+        self.zygote_sock: socket.socket | None = None
+        self.zygote_ready = False
+        self.logs: dict[tuple[str, int, str], list[str]] = {}
+        self.next_heartbeat = 0.0
+        self.running = True
+
+    # --- life cycle ------------------------------------------------------------------------
+    def serve(self) -> None:
+        info = facts.node_facts(self.node)
+        info.update({"t": "node", "protocol": VERSION, "agent_version": __version__})
+        self.out.send(info)
+        self.sel.register(self.kernel_in, selectors.EVENT_READ, ("kernel", None))
+        if self.preload:
+            _pid, self.zygote_sock = zygote.start(self.secret, self.preload)
+            self.sel.register(self.zygote_sock, selectors.EVENT_READ, ("zygote", None))
+        self.replenish()
+        try:
+            while self.running:
+                self.step()
+        finally:
+            self.shutdown()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        deadlines = [self.next_heartbeat] + [r.kill_at for r in self.ranks if r.kill_at]
+        timeout = max(0.0, min(deadlines) - now)
+        for key, _mask in self.sel.select(timeout):
+            kind, rank = key.data
+            if kind == "kernel":
+                self.on_kernel()
+            elif kind == "zygote":
+                self.on_zygote()
+            elif kind == "ctrl":
+                self.on_ctrl(rank)
+            else:
+                self.on_output(rank, 1 if kind == "out" else 2, key.fd)
+            if not self.running:
+                return
+        self.flush_logs()
+        self.reap()
+        now = time.monotonic()
+        for r in self.ranks:
+            if r.kill_at and now >= r.kill_at:
+                r.signal(signal.SIGKILL)
+                r.killed = "SIGKILL"
+                r.kill_at = None
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + HEARTBEAT_SECONDS
+            pids = {r.rank: r.pid for r in self.ranks if r.run and r.pid}
+            self.out.send({"t": "heartbeat", "node": self.node, **facts.telemetry(pids)})
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            r.signal(signal.SIGKILL)
+        if self.zygote_sock is not None:
+            self.zygote_sock.close()
+
+    # --- the kernel ------------------------------------------------------------------------
+    def on_kernel(self) -> None:
+        data = os.read(self.kernel_in, 1 << 20)
+        if not data:
+            self.running = False  # the kernel is gone: the dead-man switch
+            return
+        self.inbox.feed(data)
+        try:
+            messages = list(self.inbox.messages())
+        except ProtocolError as e:
+            print(f"lepton agent {self.node}: {e}; exiting", file=sys.stderr, flush=True)
+            self.running = False
+            return
+        for message in messages:
+            kind = message.get("t")
+            if kind == "run":
+                self.start_run(message)
+            elif kind == "cancel":
+                self.cancel(message["run"])
+            elif kind == "shutdown":
+                self.running = False
+            elif kind == "ping":
+                self.out.send({"t": "pong", "time": time.time(), "sent": message.get("time")})
+
+    def start_run(self, job: dict) -> None:
+        local = job["local_world_size"]
+        self.want_standbys = max(self.want_standbys, local)
+        for local_rank in range(local):
+            proc = self.take_standby()
+            proc.run = job["run"]
+            proc.rank = job["rank_offset"] + local_rank
+            proc.ctrl.sendall(encode(self.secret, dict(job, t="job", local_rank=local_rank)))
+        self.replenish()
+
+    def cancel(self, run: str) -> None:
+        for r in self.ranks:
+            if r.run == run and r.killed is None:
+                r.signal(signal.SIGTERM)
+                r.killed = "SIGTERM"
+                r.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+
+    # --- standbys --------------------------------------------------------------------------
+    def idle(self) -> list[RankProcess]:
+        return [r for r in self.ranks if r.run is None and r.open == 3]
+
+    def take_standby(self) -> RankProcess:
+        idle = self.idle()
+        proc = idle[0] if idle else self.new_standby()
+        return proc
+
+    def replenish(self) -> None:
+        while len(self.idle()) < self.want_standbys:
+            self.new_standby()
+
+    def new_standby(self) -> RankProcess:
+        ctrl, child_ctrl = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        proc = RankProcess(ctrl, out_r, err_r, self.secret)
+        if self.zygote_ready and self.zygote_sock is not None:
+            socket.send_fds(self.zygote_sock, [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
+            proc.preloaded = True
+        else:
+            proc.pid = fork_standby(self.secret, child_ctrl.fileno(), out_w, err_w, preloaded=False)
+        child_ctrl.close()
+        os.close(out_w)
+        os.close(err_w)
+        self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", proc))
+        self.sel.register(out_r, selectors.EVENT_READ, ("out", proc))
+        self.sel.register(err_r, selectors.EVENT_READ, ("err", proc))
+        self.ranks.append(proc)
+        return proc
+
+    def on_zygote(self) -> None:
+        assert self.zygote_sock is not None
+        try:
+            message = self.zygote_sock.recv(1 << 16)
+        except OSError:
+            message = b""
+        if not message:
+            self.sel.unregister(self.zygote_sock)
+            self.zygote_sock.close()
+            self.zygote_sock = None
+            self.zygote_ready = False
+            return
+        if message[:1] == zygote.READY:
+            info = msgpack.unpackb(message[1:])
+            self.zygote_ready = True
+            self.out.send({"t": "node_update", "node": self.node, **info})
+            # Swap the bare standbys for ones that already hold torch.
+            for proc in self.idle():
+                if not proc.preloaded:
+                    self.retire(proc)
+            self.replenish()
+
+    def retire(self, proc: RankProcess) -> None:
+        """Close an idle standby's control socket; it exits on EOF."""
+        proc.run = "-retired-"
+        self.close_fd(proc, "ctrl")
+
+    # --- rank output -----------------------------------------------------------------------
+    def on_ctrl(self, proc: RankProcess) -> None:
+        try:
+            data = proc.ctrl.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self.close_fd(proc, "ctrl")
+            return
+        proc.splitter.feed(data)
+        for frame, body, _mac in proc.splitter.frames():
+            if not proc.greeted:
+                message = decode_body(body)
+                if message.get("t") == "hello":
+                    proc.greeted = True
+                    proc.pid = message["pid"]
+                    if proc.kill_pending:
+                        proc.signal(proc.kill_pending)
+                    continue
+            # Rank frames are signed with the pool secret: relay them to the kernel as they are.
+            self.out.send_frame(frame)
+
+    def on_output(self, proc: RankProcess, stream: int, fd: int) -> None:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            tail = proc.partial[stream]
+            if tail:
+                self.add_lines(proc, stream, [tail])
+            proc.partial[stream] = b""
+            self.close_fd(proc, "out" if stream == 1 else "err")
+            return
+        data = proc.partial[stream] + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, proc.partial[stream] = data.split(b"\n")
+        if proc.run is None:
+            print(data.decode(errors="replace"), end="", file=sys.stderr)  # standby noise
+            return
+        self.add_lines(proc, stream, [line for line in lines if line])
+
+    def add_lines(self, proc: RankProcess, stream: int, lines: list[bytes]) -> None:
+        if proc.run is None or proc.rank is None or not lines:
+            return
+        key = (proc.run, proc.rank, "stdout" if stream == 1 else "stderr")
+        self.logs.setdefault(key, []).extend(line.decode(errors="replace") for line in lines)
+
+    def flush_logs(self) -> None:
+        now = time.time()
+        for (run, rank, stream), lines in self.logs.items():
+            self.out.send({"t": "log", "run": run, "rank": rank, "stream": stream, "lines": lines, "time": now})
+        self.logs.clear()
+
+    def close_fd(self, proc: RankProcess, which: str) -> None:
+        target = {"ctrl": proc.ctrl, "out": proc.out_fd, "err": proc.err_fd}[which]
+        if target is None:
+            return
+        try:
+            self.sel.unregister(target)
+        except (KeyError, ValueError):
+            pass
+        if which == "ctrl":
+            proc.ctrl.close()
+            proc.ctrl = None
+        else:
+            os.close(target)
+            setattr(proc, "out_fd" if which == "out" else "err_fd", None)
+        proc.open -= 1
+
+    def reap(self) -> None:
+        """Report ranks whose every descriptor is closed: the process has ended."""
+        for proc in [r for r in self.ranks if r.open == 0]:
+            self.ranks.remove(proc)
+            if proc.run and proc.run != "-retired-":
+                self.flush_logs()
+                self.out.send({"t": "exit", "run": proc.run, "rank": proc.rank, "pid": proc.pid,
+                               "killed": proc.killed, "time": time.time()})
+        if self.running:
+            self.replenish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lepton_magic.agent")
+    parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch"),
+                        help="comma-separated modules the zygote imports ahead of jobs ('' for none)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # standbys are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the kernel's cancel stops a run
+    kernel_in = 0
+    kernel_out = os.dup(1)
+    os.dup2(2, 1)  # a stray print must never corrupt the frame stream
+    sys.stdout = sys.stderr
+    secret = read_exact(kernel_in, SECRET_SIZE)
+    preload = [m.strip() for m in args.preload.split(",") if m.strip()]
+    Agent(args.node, secret, kernel_in, kernel_out, preload).serve()
+    os._exit(0)

@@ -1,0 +1,135 @@
+"""One rank: wait for a job, run the cell, send back metrics, result or error, exit.
+
+A fresh process runs every job (clean semantics: nothing leaks from one run into the next);
+it was forked before the job arrived, so the fork is not on the critical path.
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import os
+import sys
+import time
+import traceback
+
+from .. import values
+from ..cellcode import CELL_FILENAME, padded_source
+from ..protocol import FrameReader, FrameWriter
+from .forking import CTRL_FD
+from .runtime import Lepton, environ_for
+
+
+def serve(secret: bytes, preloaded: bool) -> int:
+    writer = FrameWriter(CTRL_FD, secret)
+    writer.send({"t": "hello", "pid": os.getpid(), "preloaded": preloaded})
+    job = FrameReader(CTRL_FD, secret, source="agent").read()
+    if job is None or job.get("t") != "job":
+        return 0  # the agent retired this standby
+    return run_job(job, writer)
+
+
+def run_job(job: dict, writer: FrameWriter) -> int:
+    local_rank = job["local_rank"]
+    rank = job["rank_offset"] + local_rank
+    run = job["run"]
+    os.environ.update(environ_for(job, local_rank))
+    lepton = Lepton(
+        run=run,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=job["world_size"],
+        node=job["node"],
+        node_rank=job["node_rank"],
+        send=writer.send,
+        checkpoint_blob=job.get("checkpoint"),
+        attempt=job.get("attempt", 0),
+    )
+    writer.send({"t": "started", "run": run, "rank": rank, "pid": os.getpid(), "time": time.time()})
+    namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
+    for name, blob in job["inputs"].items():
+        try:
+            namespace[name] = values.loads(blob)
+        except Exception as e:
+            return _fail(writer, lepton, job, e, f"could not load the input {name!r} on {job['node']}: ")
+
+    source = padded_source(job["code"], job["line_offset"])
+    linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
+    try:
+        exec(compile(source, CELL_FILENAME, "exec"), namespace)
+    except BaseException as e:  # KeyboardInterrupt and SystemExit are failures of the cell too
+        return _fail(writer, lepton, job, e)
+
+    outputs, skipped = ({}, {})
+    if rank == 0:
+        outputs, skipped = collect_outputs(namespace, job["outputs"], explicit=job["explicit_outputs"])
+    lepton.close()
+    _flush_std()
+    writer.send({"t": "result", "run": run, "rank": rank, "outputs": outputs, "skipped": skipped,
+                 "time": time.time()})
+    return 0
+
+
+def collect_outputs(namespace: dict, names: list[str], explicit: bool) -> tuple[dict, dict]:
+    """Pickle the named variables (tensors to the CPU); say why any could not come back."""
+    outputs: dict[str, bytes] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name not in namespace:
+            if explicit:
+                skipped[name] = "was never assigned by the cell"
+            continue
+        value = namespace[name]
+        if not values.is_shippable(value):
+            if explicit:
+                skipped[name] = "is a module (import it in the notebook instead)"
+            continue
+        try:
+            outputs[name] = values.dumps(values.unwrap(value))
+        except Exception as e:
+            skipped[name] = f"a {values.describe(value)} cannot be pickled ({type(e).__name__}: {e})"
+    return outputs, skipped
+
+
+def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, prefix: str = "") -> int:
+    tb = error.__traceback__
+    # Drop the frames of this module: the user's traceback starts in their cell.
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    if tb is None:
+        tb = error.__traceback__.tb_next if error.__traceback__ else None
+    lines = traceback.format_exception(type(error), error, tb)
+    cell_line = None
+    frame = tb
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == CELL_FILENAME:
+            cell_line = frame.tb_lineno
+        frame = frame.tb_next
+    if isinstance(error, SyntaxError) and error.filename == CELL_FILENAME:
+        cell_line = error.lineno
+    try:
+        lepton.close()
+    except BaseException:
+        pass
+    _flush_std()
+    writer.send(
+        {
+            "t": "error",
+            "run": job["run"],
+            "rank": lepton.rank,
+            "type": type(error).__name__,
+            "message": prefix + str(error),
+            "traceback": "".join(lines),
+            "line": cell_line,
+            "time": time.time(),
+        }
+    )
+    return 1
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass

@@ -1,0 +1,189 @@
+"""The ``lepton`` object a cell sees on a node (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from .. import values
+
+#: A batch leaves the rank when it holds this many points, or when it is this old.
+BATCH_POINTS = 4096
+BATCH_SECONDS = 0.2
+
+
+class Lepton:
+    """Rank facts, metric logging, distributed set-up and checkpoints for the running cell."""
+
+    def __init__(
+        self,
+        *,
+        run: str,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        node: str,
+        node_rank: int,
+        send: Callable[[dict], None],
+        checkpoint_blob: bytes | None = None,
+        attempt: int = 0,
+    ):
+        self.run = run
+        self.rank = rank
+        self.local_rank = local_rank
+        self.world_size = world_size
+        self.node = node
+        self.node_rank = node_rank
+        self.attempt = attempt
+        self._send = send
+        self._checkpoint_blob = checkpoint_blob
+        self._points: list[tuple[int, float, dict]] = []
+        self._next_step = 0
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
+        self._flusher.start()
+
+    def __repr__(self) -> str:
+        return (
+            f"<lepton rank {self.rank}/{self.world_size} local_rank {self.local_rank} "
+            f"on {self.node} device {self.device}>"
+        )
+
+    # --- metrics -------------------------------------------------------------------------
+    def log(self, step: int | None = None, **metrics: float) -> None:
+        """Record metrics at ``step`` (default: one past the previous step)."""
+        if step is None:
+            step = self._next_step
+        try:
+            point = {name: float(value) for name, value in metrics.items()}
+        except (TypeError, ValueError):
+            bad = [k for k, v in metrics.items() if not _is_number(v)]
+            raise TypeError(
+                f"lepton.log takes numbers; {', '.join(bad)} "
+                f"{'is' if len(bad) == 1 else 'are'} not (use .item() on a tensor)"
+            ) from None
+        now = time.time()
+        with self._lock:
+            self._next_step = step + 1
+            self._points.append((step, now, point))
+            full = len(self._points) >= BATCH_POINTS
+        if full or time.monotonic() - self._last_flush > BATCH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            points, self._points = self._points, []
+            self._last_flush = time.monotonic()
+        if not points:
+            return
+        steps, names, vals, times = [], [], [], []
+        for step, t, point in points:
+            for name, value in point.items():
+                steps.append(step)
+                names.append(name)
+                vals.append(value)
+                times.append(t)
+        self._send(
+            {"t": "metrics", "run": self.run, "rank": self.rank,
+             "step": steps, "name": names, "value": vals, "time": times}
+        )
+
+    def _flush_periodically(self) -> None:
+        while not self._closed.wait(BATCH_SECONDS):
+            if self._points and time.monotonic() - self._last_flush >= BATCH_SECONDS:
+                self.flush()
+
+    # --- devices and torch.distributed -----------------------------------------------------
+    @property
+    def device(self) -> Any:
+        """``cuda:<local_rank>`` where CUDA exists, else ``cpu`` (a torch.device)."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > self.local_rank:
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def init_distributed(self, backend: str | None = None, timeout_s: float = 600) -> Any:
+        """Join this run's process group (nccl on GPUs, gloo on CPU); returns torch.distributed."""
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return dist
+        use_cuda = self.device.type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+        backend = backend or ("nccl" if use_cuda and dist.is_nccl_available() else "gloo")
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return dist
+
+    def barrier(self) -> None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_initialized():
+            dist.barrier()
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self, state: Any) -> None:
+        """Keep ``state`` (rank 0's) in the kernel; a retry starts from it via ``restore()``."""
+        if self.rank != 0:
+            return
+        self._checkpoint_blob = values.dumps(state)
+        self._send({"t": "checkpoint", "run": self.run, "rank": self.rank,
+                    "blob": self._checkpoint_blob, "time": time.time()})
+
+    def restore(self) -> Any:
+        """The last checkpoint of this run (from an earlier attempt), or None."""
+        if self._checkpoint_blob is None:
+            return None
+        return values.loads(self._checkpoint_blob)
+
+    # --- end of the cell -------------------------------------------------------------------
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def environ_for(job: dict, local_rank: int) -> dict[str, str]:
+    """The torchrun-style environment of one rank."""
+    rank = job["rank_offset"] + local_rank
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(job["world_size"]),
+        "LOCAL_WORLD_SIZE": str(job["local_world_size"]),
+        "GROUP_RANK": str(job["node_rank"]),
+        "NODE_RANK": str(job["node_rank"]),
+        "MASTER_ADDR": job["master_addr"],
+        "MASTER_PORT": str(job["master_port"]),
+        "LEPTON_RUN": job["run"],
+        "LEPTON_NODE": job["node"],
+    }
+    env.update(job.get("env") or {})
+    return env
+

@@ -1,0 +1,15 @@
+"""Where nodes come from. A backend only (a) provides nodes and (b) starts
+``python -m lepton_magic.agent`` on each with a byte pipe to it; the rest is shared."""
+
+from .base import Backend, NodeLink
+
+
+def create(name: str, settings: dict) -> Backend:
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(settings)
+    raise ValueError(f"unknown backend {name!r}")
+
+
+__all__ = ["Backend", "NodeLink", "create"]

@@ -1,0 +1,99 @@
+"""The two things a backend provides: nodes, and a byte pipe to an agent on each."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from typing import Callable
+
+from ..protocol import FrameReader, FrameWriter, ProtocolError, write_all
+
+log = logging.getLogger("lepton_magic.backends")
+
+OnMessage = Callable[["NodeLink", dict], None]
+OnLost = Callable[["NodeLink", str], None]
+
+
+class NodeLink:
+    """The kernel's end of one agent: send frames, receive them on a reader thread."""
+
+    def __init__(self, name: str, write_fd: int, read_fd: int, secret: bytes,
+                 on_message: OnMessage, on_lost: OnLost):
+        self.name = name
+        self.facts: dict = {}
+        self.ready = threading.Event()
+        self.alive = True
+        self.rejected = 0
+        self._writer = FrameWriter(write_fd, secret)
+        self._reader = FrameReader(read_fd, secret, source=f"node {name}")
+        self._on_message = on_message
+        self._on_lost = on_lost
+        write_all(write_fd, secret)  # the agent's first read: the pool secret
+        self._thread = threading.Thread(target=self._read, name=f"lepton-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return self.facts.get("host", "?")
+
+    @property
+    def gpu_count(self) -> int:
+        return len(self.facts.get("gpus") or [])
+
+    @property
+    def gpu_name(self) -> str | None:
+        gpus = self.facts.get("gpus") or []
+        return gpus[0]["name"] if gpus else None
+
+    def send(self, message: dict) -> None:
+        try:
+            self._writer.send(message)
+        except OSError as e:
+            self._lost(f"cannot write to the agent ({e})")
+
+    def _read(self) -> None:
+        reason = "the agent exited"
+        try:
+            for message in self._reader:
+                if message.get("t") == "node":
+                    self.facts = message
+                    self.ready.set()
+                    continue
+                try:
+                    self._on_message(self, message)
+                except Exception:
+                    log.exception("handling a %s message from %s failed", message.get("t"), self.name)
+        except ProtocolError as e:
+            reason = str(e)
+        except OSError as e:
+            reason = f"the pipe to the agent broke ({e})"
+        finally:
+            self.rejected = self._reader.rejected
+        self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        if self.alive:
+            self.alive = False
+            self.ready.set()
+            self._on_lost(self, reason)
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    @abstractmethod
+    def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
+                    log_dir: str) -> list[NodeLink]:
+        """Start an agent on each new node and return the links (not yet ready)."""
+
+    @abstractmethod
+    def master_addr(self, link: NodeLink) -> str:
+        """The address other nodes use to reach rank 0 on ``link``."""
+
+    @abstractmethod
+    def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
+        """Ask the agent to exit; make sure it and its ranks are gone."""

@@ -1,0 +1,57 @@
+"""The embedded default: nodes are agent processes on this machine. No configuration, no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from .base import Backend, NodeLink, OnLost, OnMessage
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, settings: dict):
+        super().__init__(settings)
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
+                    log_dir: str) -> list[NodeLink]:
+        links = []
+        env = dict(os.environ, LEPTON_PRELOAD=self.settings.get("preload", "torch"))
+        for name in names:
+            with open(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "lepton_magic.agent", "--node", name],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=agent_log,
+                    bufsize=0,
+                    env=env,
+                    # Its own session: a terminal's Ctrl-C reaches the kernel, which cancels
+                    # the run itself; the agent must not die half-way on the same signal.
+                    start_new_session=True,
+                )
+            self._procs[name] = proc
+            links.append(NodeLink(name, proc.stdin.fileno(), proc.stdout.fileno(), secret, on_message, on_lost))
+        return links
+
+    def master_addr(self, link: NodeLink) -> str:
+        return "127.0.0.1"
+
+    def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
+        proc = self._procs.pop(link.name, None)
+        if proc is None:
+            return
+        link.send({"t": "shutdown"})
+        try:
+            proc.stdin.close()  # EOF alone makes the agent kill its ranks and exit
+        except OSError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

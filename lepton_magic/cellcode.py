@@ -1,0 +1,171 @@
+"""What a cell needs and what it gives back, found by reading its AST (nothing is executed).
+
+- ``check_syntax``: reject a broken cell before any node is touched.
+- ``free_names``: names the cell reads before it binds them: candidates for shipping by value.
+- ``assigned_names``: names the cell binds at top level: what comes back to the notebook.
+
+Line numbers are those of the notebook cell, where the ``%%lepton`` line is line 1, so a
+remote traceback points at the line the person sees.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import symtable
+from dataclasses import dataclass
+
+#: Filename the cell is compiled under on the nodes; tracebacks show it.
+CELL_FILENAME = "<lepton cell>"
+#: The body of a cell magic starts on the line after ``%%lepton``.
+MAGIC_LINE_OFFSET = 1
+
+_BUILTINS = frozenset(dir(builtins))
+#: Names that exist on the node whatever the notebook holds.
+_PROVIDED = frozenset({"lepton", "__name__", "__file__", "__builtins__"})
+
+
+@dataclass(frozen=True)
+class CellSyntaxError(Exception):
+    """The cell does not parse; ``line`` is the notebook cell's line number."""
+
+    message: str
+    line: int
+    text: str = ""
+    offset: int = 0
+
+    def __str__(self) -> str:
+        where = f"line {self.line}"
+        out = f"SyntaxError in the cell, {where}: {self.message}"
+        if self.text:
+            caret = " " * max(self.offset - 1, 0) + "^"
+            out += f"\n    {self.text.rstrip()}\n    {caret}"
+        return out
+
+
+def padded_source(code: str, offset: int = MAGIC_LINE_OFFSET) -> str:
+    """The cell body shifted down so compiled line numbers match the notebook's."""
+    return "\n" * offset + code
+
+
+def check_syntax(code: str, offset: int = MAGIC_LINE_OFFSET) -> ast.Module:
+    try:
+        return ast.parse(padded_source(code, offset), CELL_FILENAME, "exec")
+    except SyntaxError as e:
+        text = e.text or ""
+        if text.lstrip().startswith(("%", "!")):
+            message = "IPython magics and shell escapes (% and !) cannot run on the nodes"
+        else:
+            message = e.msg
+        raise CellSyntaxError(message, e.lineno or 0, text, e.offset or 0) from None
+
+
+def _referenced(stmt: ast.stmt) -> set[str]:
+    """Names one top-level statement reads from the global scope, nested scopes included."""
+    table = symtable.symtable(ast.unparse(ast.Module([stmt], [])), "<stmt>", "exec")
+    names: set[str] = set()
+    stack = [table]
+    while stack:
+        t = stack.pop()
+        for sym in t.get_symbols():
+            if t is table:
+                if sym.is_referenced():
+                    names.add(sym.get_name())
+            elif sym.is_global() and sym.is_referenced():
+                names.add(sym.get_name())
+        stack.extend(t.get_children())
+    for node in ast.walk(stmt):
+        # ``y += 1`` reads y first; symtable only reports the store.
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        # A class body's names resolve globally too; symtable reports them as class locals.
+        if isinstance(node, ast.ClassDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load):
+                    names.add(inner.id)
+    return names
+
+
+def _bound(stmt: ast.stmt, definitely: bool) -> set[str]:
+    """Names a top-level statement binds. With ``definitely``, only unconditional bindings."""
+    names: set[str] = set()
+
+    def targets(node: ast.AST) -> None:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+                names.add(n.id)
+            elif isinstance(n, ast.Starred) and isinstance(n.value, ast.Name):
+                names.add(n.value.id)
+
+    if isinstance(stmt, ast.Assign):
+        for t in stmt.targets:
+            targets(t)
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        if not isinstance(stmt, ast.AnnAssign) or stmt.value is not None:
+            targets(stmt.target)
+    elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        names.add(stmt.name)
+    elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        for alias in stmt.names:
+            if alias.name != "*":
+                names.add(alias.asname or alias.name.split(".")[0])
+    elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+        for item in stmt.items:
+            if item.optional_vars is not None:
+                targets(item.optional_vars)
+        for inner in stmt.body:
+            names |= _bound(inner, definitely)
+    elif not definitely and isinstance(stmt, (ast.For, ast.AsyncFor, ast.While, ast.If, ast.Try)):
+        if isinstance(stmt, (ast.For, ast.AsyncFor)):
+            targets(stmt.target)
+        blocks = [stmt.body, getattr(stmt, "orelse", [])]
+        if isinstance(stmt, ast.Try):
+            blocks += [stmt.finalbody] + [h.body for h in stmt.handlers]
+            names |= {h.name for h in stmt.handlers if h.name}
+        for block in blocks:
+            for inner in block:
+                names |= _bound(inner, definitely)
+    # Walrus targets bind in the enclosing (here: global) scope wherever they appear.
+    for n in ast.walk(stmt):
+        if isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name) and not definitely:
+            names.add(n.target.id)
+    return names
+
+
+def free_names(tree: ast.Module) -> list[str]:
+    """Names read before the cell binds them unconditionally, in order of first use.
+
+    Builtins and the names the node provides (``lepton``) are left out; whether a free name
+    exists in the notebook is for the caller to decide.
+    """
+    bound: set[str] = set()
+    free: dict[str, None] = {}
+    for stmt in tree.body:
+        for name in sorted(_referenced(stmt) - bound):
+            if name not in _BUILTINS and name not in _PROVIDED:
+                free.setdefault(name)
+        bound |= _bound(stmt, definitely=True)
+    return list(free)
+
+
+def assigned_names(tree: ast.Module) -> list[str]:
+    """Names bound at top level, imports excluded (modules are not results), in order."""
+    out: dict[str, None] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            continue
+        for name in sorted(_bound(stmt, definitely=False)):
+            if not name.startswith("_") and name not in _PROVIDED:
+                out.setdefault(name)
+    return list(out)
+
+
+def parse_name_list(text: str, option: str) -> list[str]:
+    """``"a, b"`` → ``["a", "b"]``; anything that is not a Python identifier is refused."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ValueError(
+            f"{option} takes comma-separated variable names (like a,b), got {', '.join(map(repr, bad))}"
+        )
+    return names

@@ -1,0 +1,129 @@
+"""Settings: defaults, then ``~/.config/lepton_magic/config.toml``, then ``LEPTON_*`` environment
+variables, then ``%lepton config key=value`` (DESIGN.md §4). Each layer overrides the one before.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+BACKENDS = ("local",)
+PLANNED_BACKENDS = ("ssh", "ec2", "ray")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1.5"`` (seconds) → seconds; ``none``/``off`` → None."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    raw = str(text).strip().lower()
+    if raw in ("", "none", "off", "never"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", raw)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a duration like 90s, 30m or 2h, got {text!r}")
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def parse_count(text: str | int, what: str, minimum: int = 1) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        kind = "a positive whole number" if minimum >= 1 else "a whole number ≥ 0"
+        raise ValueError(f"{what} takes {kind}, got {text!r}")
+    return value
+
+
+def parse_backend(text: str) -> str:
+    name = str(text).strip().lower()
+    if name in BACKENDS:
+        return name
+    if name in PLANNED_BACKENDS:
+        raise ValueError(f"the {name} backend is not available in this version; accepted: {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown backend {text!r}; accepted: {', '.join(BACKENDS)}")
+
+
+def _parse_bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    raw = str(text).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "backend": Setting("local", parse_backend, "where nodes come from: " + ", ".join(BACKENDS)),
+    "nodes": Setting(1, lambda v: parse_count(v, "nodes"), "nodes per run when --nodes is not given"),
+    "gpus": Setting(None, lambda v: None if str(v).lower() in ("", "none") else parse_count(v, "gpus", 0),
+                    "GPUs (rank processes) per node; none = every GPU the node has"),
+    "idle_timeout": Setting(1800.0, parse_duration, "release an idle pool after this long (off to keep it)"),
+    "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
+    "preload": Setting("torch", str, "modules each node imports ahead of runs (comma-separated)"),
+    "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
+}
+
+
+def config_file() -> Path:
+    explicit = os.environ.get("LEPTON_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "lepton_magic" / "config.toml"
+
+
+@dataclass
+class Config:
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls) -> "Config":
+        config = cls({k: s.default for k, s in SETTINGS.items()}, {k: "default" for k in SETTINGS})
+        path = config_file()
+        if path.exists():
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path} is not valid TOML: {e}") from None
+            for key, value in data.items():
+                config.set(key, value, source=str(path))
+        for key in SETTINGS:
+            env = os.environ.get("LEPTON_" + key.upper())
+            if env is not None:
+                config.set(key, env, source="LEPTON_" + key.upper())
+        return config
+
+    def set(self, key: str, value: Any, source: str = "%lepton config") -> None:
+        name = key.strip().replace("-", "_")
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {key!r}; accepted: {', '.join(SETTINGS)}")
+        try:
+            self.values[name] = SETTINGS[name].parse(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        self.sources[name] = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def rows(self) -> list[dict]:
+        return [
+            {"key": k, "value": self.values[k], "source": self.sources[k], "help": SETTINGS[k].help}
+            for k in SETTINGS
+        ]

@@ -1,0 +1,311 @@
+"""A run in flight, seen from the kernel: placement, dispatch, events into the store, the end.
+
+Every event from the nodes is written to the store as it arrives; the run's in-memory state is
+only what is needed to decide when and how it ended, and the outputs to bind.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import values
+from .backends import NodeLink
+from .errors import LeptonError, RemoteError
+from .store import Store
+
+log = logging.getLogger("lepton_magic.run")
+
+#: After a cancel, ranks that have not confirmed their end by then are given up on.
+CANCEL_GRACE_SECONDS = 5.0
+
+
+def ranks_on(link: NodeLink, gpus: int | None) -> int:
+    """Rank processes to start on one node: one per GPU asked for, one on a CPU-only node."""
+    have = link.gpu_count
+    if have == 0:
+        return 1
+    if gpus is None:
+        return have
+    if gpus > have:
+        raise LeptonError(f"{link.name} has {have} GPU{'s' if have != 1 else ''}; --gpus {gpus} asks for more")
+    return max(gpus, 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveRun:
+    def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
+                 inputs: dict[str, bytes], outputs: list[str], explicit_outputs: bool,
+                 nodes: list[NodeLink], gpus: int | None, timeout: float | None, env: dict[str, str],
+                 on_done: list[Callable[["LiveRun"], None]]):
+        self.store = store
+        self.pool = pool
+        self.seq = seq
+        self.id = run_id
+        self.name = name
+        self.code = code
+        self.line_offset = line_offset
+        self.inputs = inputs
+        self.output_names = outputs
+        self.explicit_outputs = explicit_outputs
+        self.nodes = nodes
+        self.gpus = gpus
+        self.timeout = timeout
+        self.env = env
+        self.on_done = on_done
+        self.status = "queued"
+        self.done = threading.Event()
+        self.outputs: dict = {}
+        self.skipped: dict[str, str] = {}
+        self.error: LeptonError | None = None
+        self.notes: list[str] = []
+        self.world_size = 0
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.checkpoint_blob: bytes | None = None
+        self._rank_node: dict[int, str] = {}
+        self._started: set[int] = set()
+        self._answered: set[int] = set()  # ranks that sent a result or an error
+        self._exited: set[int] = set()
+        self._result: dict | None = None
+        self._cancel_reason: str | None = None
+        self._cancel_is_failure = False
+        self._lock = threading.RLock()
+        self._timers: list[threading.Timer] = []
+
+    # --- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        plan = []
+        offset = 0
+        for node_rank, link in enumerate(self.nodes):
+            local = ranks_on(link, self.gpus)
+            if link.gpu_count == 0 and self.gpus:
+                self.notes.append(f"{link.name} has no GPU: 1 CPU rank there")
+            plan.append((node_rank, link, offset, local))
+            offset += local
+        self.world_size = offset
+        master_addr = self.pool.backend.master_addr(self.nodes[0])
+        master_port = free_port() if master_addr in ("127.0.0.1", "localhost") else 29500 + self.seq % 10000
+        for node_rank, link, first, local in plan:
+            ranks = list(range(first, first + local))
+            for r in ranks:
+                self._rank_node[r] = link.name
+            self.store.add_run_node(self.seq, link.name, link.host, ranks, min(local, link.gpu_count),
+                                    link.gpu_name)
+        self._set_status("starting", started=time.time(), world_size=self.world_size)
+        self.started_at = time.time()
+        self.pool.attach_run(self)
+        for node_rank, link, first, local in plan:
+            link.send({
+                "t": "run", "run": self.id, "code": self.code, "line_offset": self.line_offset,
+                "inputs": self.inputs, "outputs": self.output_names,
+                "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
+                "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
+                "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
+                "env": self.env, "checkpoint": self.checkpoint_blob,
+            })
+        if self.timeout:
+            self._timer(self.timeout, lambda: self.cancel(
+                reason=f"timed out after {_seconds(self.timeout)}", failure=True))
+
+    # --- events ----------------------------------------------------------------------------
+    def on_message(self, link: NodeLink, message: dict) -> None:
+        kind = message["t"]
+        rank = message.get("rank")
+        if kind == "metrics":
+            self.store.add_metrics(self.seq, rank, message["step"], message["name"], message["value"],
+                                   message["time"])
+        elif kind == "log":
+            self.store.add_logs(self.seq, rank, message["stream"], message["time"], message["lines"])
+        elif kind == "started":
+            with self._lock:
+                first = not self._started
+                self._started.add(rank)
+            if first and self.status == "starting":
+                self._set_status("running")
+            self.store.set_run_node_status(self.seq, link.name, "running")
+        elif kind == "result":
+            with self._lock:
+                self._answered.add(rank)
+                if rank == 0:
+                    self._result = message
+        elif kind == "error":
+            error = RemoteError(self.name, rank, link.name, message["type"], message["message"],
+                                message["traceback"], message.get("line"))
+            with self._lock:
+                self._answered.add(rank)
+                first = self.error is None
+                if first:
+                    self.error = error
+            self.store.add_event("rank_error", {k: message[k] for k in ("rank", "type", "message", "line")},
+                                 run=self.seq)
+            if first:
+                # The others may wait forever in a collective for the rank that died.
+                self.cancel(reason=f"rank {rank} failed", failure=True)
+        elif kind == "checkpoint":
+            self.checkpoint_blob = message["blob"]
+            self.store.add_event("checkpoint", {"rank": rank, "bytes": len(message["blob"])}, run=self.seq)
+        elif kind == "exit":
+            self._on_exit(link, rank, message.get("killed"))
+
+    def _on_exit(self, link: NodeLink, rank: int, killed: str | None) -> None:
+        with self._lock:
+            self._exited.add(rank)
+            if rank not in self._answered and self._cancel_reason is None and self.error is None:
+                how = f"was killed ({killed})" if killed else "ended without a result (it crashed or was killed)"
+                self.error = LeptonError(f"rank {rank} on {link.name} {how}; see run.logs(rank={rank})")
+                self._cancel_reason = f"rank {rank} ended unexpectedly"
+                self._cancel_is_failure = True
+                others = True
+            else:
+                others = False
+            node_done = all(r in self._exited for r, n in self._rank_node.items() if n == link.name)
+            finished = len(self._exited) >= self.world_size
+        if node_done:
+            self.store.set_run_node_status(self.seq, link.name, "done")
+        if others and not finished:
+            self._send_cancel()
+        if finished:
+            self._finish()
+
+    def on_node_lost(self, link: NodeLink, reason: str) -> None:
+        if link not in self.nodes or self.done.is_set():
+            return
+        with self._lock:
+            lost = [r for r, n in self._rank_node.items() if n == link.name and r not in self._exited]
+            if not lost:
+                return
+            self._exited.update(lost)
+            if self.error is None:
+                self.error = LeptonError(f"node {link.name} was lost ({reason})")
+            finished = len(self._exited) >= self.world_size
+        self.store.set_run_node_status(self.seq, link.name, "lost")
+        if finished:
+            self._finish()
+        else:
+            self.cancel(reason=f"node {link.name} was lost", failure=True)
+
+    # --- control ---------------------------------------------------------------------------
+    def cancel(self, reason: str = "cancelled", failure: bool = False) -> None:
+        with self._lock:
+            if self.done.is_set() or self._cancel_reason is not None:
+                return
+            self._cancel_reason = reason
+            self._cancel_is_failure = failure
+        self.store.add_event("cancel", {"reason": reason}, run=self.seq)
+        self._send_cancel()
+        self._timer(CANCEL_GRACE_SECONDS, self._give_up)
+
+    def _send_cancel(self) -> None:
+        for link in self.nodes:
+            if link.alive:
+                link.send({"t": "cancel", "run": self.id})
+
+    def _give_up(self) -> None:
+        with self._lock:
+            missing = sorted(set(self._rank_node) - self._exited)
+        if missing and not self.done.is_set():
+            self.notes.append(f"ranks {missing} did not confirm they stopped")
+            self._finish()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    # --- the end ---------------------------------------------------------------------------
+    def _finish(self) -> None:
+        with self._lock:
+            if self.done.is_set() or self.status in ("succeeded", "failed", "cancelled"):
+                return
+            for t in self._timers:
+                t.cancel()
+            if self.error is None and self._cancel_reason is not None:
+                if self._cancel_is_failure:
+                    self.error = LeptonError(f"{self.name} {self._cancel_reason}")
+                status = "failed" if self._cancel_is_failure else "cancelled"
+            else:
+                status = "failed" if self.error is not None else "succeeded"
+            if status == "succeeded" and self._result is None:
+                status = "failed"
+                self.error = LeptonError("rank 0 finished without sending its result")
+            if status == "succeeded":
+                self._load_outputs(self._result)
+            self.status = status
+            self.ended_at = time.time()
+        self.store.update_run(
+            self.seq, status=status, ended=self.ended_at,
+            outputs=sorted(self.outputs),
+            error=_error_record(self.error),
+            reason=self._cancel_reason,
+        )
+        self.pool.release(self)
+        for callback in self.on_done:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("a run-end callback failed")
+        self.done.set()
+        if self._result is not None and self._result.get("outputs"):
+            blobs = self._result["outputs"]
+            threading.Thread(target=self._persist_outputs, args=(blobs,), daemon=True).start()
+
+    def _load_outputs(self, result: dict) -> None:
+        self.skipped.update(result.get("skipped") or {})
+        for name, blob in (result.get("outputs") or {}).items():
+            try:
+                self.outputs[name] = values.loads(blob)
+            except Exception as e:
+                self.skipped[name] = f"could not be loaded in the kernel ({type(e).__name__}: {e})"
+
+    def _persist_outputs(self, blobs: dict[str, bytes]) -> None:
+        """Keep the pickled outputs beside the store, so a later process can read run.outputs."""
+        try:
+            folder = outputs_dir(self.store, self.id)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / "outputs.pkl.tmp"
+            with open(tmp, "wb") as f:
+                pickle.dump(blobs, f, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.replace(folder / "outputs.pkl")
+        except OSError:
+            log.exception("could not save the outputs of %s", self.id)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _set_status(self, status: str, **fields) -> None:
+        self.status = status
+        self.store.update_run(self.seq, status=status, **fields)
+
+    def _timer(self, seconds: float, action: Callable[[], None]) -> None:
+        timer = threading.Timer(seconds, action)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+
+def outputs_dir(store: Store, run_id: str) -> Path:
+    return Path(store.home) / "runs" / run_id
+
+
+def _error_record(error: LeptonError | None) -> dict | None:
+    if error is None:
+        return None
+    if isinstance(error, RemoteError):
+        return {"type": error.type_name, "message": error.message, "rank": error.rank, "node": error.node,
+                "line": error.line, "traceback": error.remote_traceback}
+    return {"type": "LeptonError", "message": str(error)}
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600 and value % 3600 == 0:
+        return f"{value / 3600:g} h"
+    if value >= 60 and value % 60 == 0:
+        return f"{value / 60:g} min"
+    return f"{value:g} s"

@@ -1,0 +1,176 @@
+"""A pool: the warm nodes of one backend, kept between cells until released or idle too long."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import backends
+from .backends import NodeLink
+from .errors import LeptonError
+from .protocol import new_secret
+from .store import Store
+
+if TYPE_CHECKING:
+    from .liverun import LiveRun
+
+log = logging.getLogger("lepton_magic.pool")
+
+NODE_START_TIMEOUT = 60.0
+
+
+class Pool:
+    def __init__(self, store: Store, backend: str, settings: dict):
+        self.id = f"p-{secrets.token_hex(4)}"
+        self.store = store
+        self.backend_name = backend
+        self.backend = backends.create(backend, settings)
+        self.settings = settings
+        self.secret = new_secret()
+        self.nodes: list[NodeLink] = []
+        self.busy: dict[str, str] = {}  # node name -> run id
+        self.runs: dict[str, "LiveRun"] = {}
+        self.closed = False
+        self._lock = threading.RLock()
+        self._last_active = time.monotonic()
+        self._log_dir = Path(store.home) / "logs"
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        store.add_pool(self.id, backend, {k: v for k, v in settings.items() if k != "secret"})
+        self._idle_thread = threading.Thread(target=self._watch_idle, daemon=True, name="lepton-idle")
+        self._idle_thread.start()
+
+    # --- nodes -----------------------------------------------------------------------------
+    @property
+    def live_nodes(self) -> list[NodeLink]:
+        return [n for n in self.nodes if n.alive]
+
+    def grow(self, count: int) -> list[NodeLink]:
+        """Start ``count`` more nodes and wait until each has reported in."""
+        with self._lock:
+            taken = {n.name for n in self.nodes}
+            names, i = [], 0
+            while len(names) < count:
+                name = f"{self.backend_name}-{i}"
+                if name not in taken:
+                    names.append(name)
+                i += 1
+            started = time.time()
+            for name in names:
+                self.store.upsert_node(self.id, name, status="starting", started=started)
+            links = self.backend.start_nodes(names, self.secret, self._on_message, self._on_lost,
+                                             str(self._log_dir))
+            self.nodes.extend(links)
+        deadline = time.monotonic() + NODE_START_TIMEOUT
+        for link in links:
+            link.ready.wait(max(0.0, deadline - time.monotonic()))
+            if not link.alive or not link.facts:
+                self.store.upsert_node(self.id, link.name, status="lost")
+                raise LeptonError(
+                    f"node {link.name} did not start (see {self._log_dir / f'agent-{link.name}.log'})"
+                )
+            gpus = link.facts.get("gpus") or []
+            self.store.upsert_node(
+                self.id, link.name, status="ready", host=link.host, cpus=link.facts.get("cpus"),
+                memory=link.facts.get("memory"), gpus=len(gpus),
+                gpu_name=gpus[0]["name"] if gpus else None,
+                gpu_memory=gpus[0]["memory"] if gpus else None,
+                agent_pid=link.facts.get("pid"), python=link.facts.get("python"), last_seen=time.time(),
+            )
+        return links
+
+    def ensure(self, count: int) -> None:
+        missing = count - len(self.live_nodes)
+        if missing > 0:
+            self.grow(missing)
+
+    def acquire(self, count: int, run_id: str) -> list[NodeLink]:
+        """``count`` idle nodes for one run, starting more when the pool is short."""
+        with self._lock:
+            if self.closed:
+                raise LeptonError("the pool was released; run again to start a new one")
+            idle = [n for n in self.live_nodes if n.name not in self.busy]
+        if len(idle) < count:
+            self.grow(count - len(idle))
+        with self._lock:
+            idle = [n for n in self.live_nodes if n.name not in self.busy][:count]
+            if len(idle) < count:
+                raise LeptonError(f"the pool has {len(idle)} usable nodes, the run needs {count}")
+            for node in idle:
+                self.busy[node.name] = run_id
+            self._last_active = time.monotonic()
+            return idle
+
+    def attach_run(self, run: "LiveRun") -> None:
+        with self._lock:
+            self.runs[run.id] = run
+
+    def release(self, run: "LiveRun") -> None:
+        with self._lock:
+            for name, owner in list(self.busy.items()):
+                if owner == run.id:
+                    del self.busy[name]
+            self.runs.pop(run.id, None)
+            self._last_active = time.monotonic()
+
+    # --- messages from agents ---------------------------------------------------------------
+    def _on_message(self, link: NodeLink, message: dict) -> None:
+        kind = message.get("t")
+        run_id = message.get("run")
+        if run_id is not None:
+            run = self.runs.get(run_id)
+            if run is not None:
+                run.on_message(link, message)
+            return
+        if kind == "heartbeat":
+            self.store.upsert_node(
+                self.id, link.name, last_seen=time.time(), cpu_percent=message.get("cpu"),
+                mem_used=message.get("mem_used"),
+                telemetry={k: message.get(k) for k in ("ranks", "gpus", "time")},
+            )
+        elif kind == "node_update":
+            self.store.upsert_node(self.id, link.name, torch=message.get("torch"))
+
+    def _on_lost(self, link: NodeLink, reason: str) -> None:
+        if self.closed:
+            return
+        log.warning("node %s lost: %s", link.name, reason)
+        self.store.upsert_node(self.id, link.name, status="lost", last_seen=time.time())
+        self.store.add_event("node_lost", {"node": link.name, "reason": reason}, pool=self.id)
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            run.on_node_lost(link, reason)
+
+    # --- life cycle ------------------------------------------------------------------------
+    def _watch_idle(self) -> None:
+        while not self.closed:
+            time.sleep(1.0)
+            timeout = self.settings.get("idle_timeout")
+            with self._lock:
+                active = bool(self.runs)
+                idle_for = time.monotonic() - self._last_active
+            if timeout and not active and idle_for > timeout and not self.closed:
+                log.info("releasing pool %s after %.0f s idle", self.id, idle_for)
+                self.store.add_event("idle_release", {"idle_seconds": idle_for}, pool=self.id)
+                self.down()
+
+    def down(self) -> None:
+        """Cancel whatever still runs, stop every agent, and mark the pool released."""
+        with self._lock:
+            if self.closed:
+                return
+            runs = list(self.runs.values())
+        for run in runs:
+            run.cancel(reason="the pool was released")
+        for run in runs:
+            run.done.wait(6.0)
+        with self._lock:
+            self.closed = True
+            nodes = list(self.nodes)
+        for link in nodes:
+            self.backend.stop_node(link)
+        self.store.end_pool(self.id)

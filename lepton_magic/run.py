@@ -1,0 +1,189 @@
+"""``Run``: one run as the Python API shows it (DESIGN.md §3). It reads the store, so the same
+object works in the kernel that started the run and in any later process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import values
+from .errors import LeptonError, RemoteError
+from .store import TERMINAL, Store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .liverun import LiveRun
+
+
+class Run:
+    """A run: its status, metrics, nodes, logs and outputs."""
+
+    def __init__(self, store: Store, seq: int, live: "LiveRun | None" = None):
+        self._store = store
+        self.seq = seq
+        self._live = live
+        row = self._row()
+        self.id: str = row["id"]
+        self.name: str = row["name"]
+
+    def __repr__(self) -> str:
+        return f"<Run {self.name} ({self.id}) {self.status}>"
+
+    def _repr_html_(self) -> str:
+        return (f"<b>{self.name}</b> <code>{self.id}</code> · {self.status} · "
+                f"{self.world_size or '?'} ranks · {_duration(self.duration)}")
+
+    def _row(self) -> dict:
+        row = self._store.run_row(self.seq)
+        if row is None:
+            raise LeptonError(f"run {self.seq} is not in the store at {self._store.path}")
+        return row
+
+    # --- status ----------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """queued, starting, running, succeeded, failed or cancelled."""
+        if self._live is not None:
+            return self._live.status
+        row = self._row()
+        if row["status"] not in TERMINAL and _owner_gone(row):
+            # The kernel that ran it died, and its nodes died with it (the dead-man switch).
+            self._store.update_run(self.seq, status="failed", reason="the kernel running it exited",
+                                   ended=row["ended"] or time.time())
+            return "failed"
+        return row["status"]
+
+    @property
+    def world_size(self) -> int | None:
+        return self._row()["world_size"]
+
+    @property
+    def duration(self) -> float | None:
+        row = self._row()
+        if not row["started"]:
+            return None
+        return (row["ended"] or time.time()) - row["started"]
+
+    @property
+    def error(self) -> LeptonError | None:
+        """What went wrong, for a failed run (a RemoteError when the cell raised)."""
+        if self._live is not None:
+            return self._live.error
+        record = self._row()["error"]
+        if not record:
+            return None
+        data = json.loads(record)
+        if data.get("traceback"):
+            return RemoteError(self.name, data["rank"], data["node"], data["type"], data["message"],
+                               data["traceback"], data.get("line"))
+        return LeptonError(data["message"])
+
+    # --- data ------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> "pd.DataFrame":
+        """Every logged point of every rank: columns rank, step, name, value, time."""
+        df = self._store.frame(
+            "SELECT rank, step, name, value, time FROM metrics WHERE run=? ORDER BY rowid", (self.seq,)
+        )
+        import pandas as pd
+
+        df["time"] = pd.to_datetime(df["time"], unit="s")
+        return df
+
+    @property
+    def history(self) -> "pd.DataFrame":
+        """Rank 0's metrics, wide: index step, one column per metric."""
+        df = self._store.frame(
+            "SELECT step, name, value FROM metrics WHERE run=? AND rank=0 ORDER BY rowid", (self.seq,)
+        )
+        wide = df.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+        wide.columns.name = None
+        return wide
+
+    @property
+    def nodes(self) -> "pd.DataFrame":
+        """The nodes the run got: node, host, ranks, gpus, gpu_name, status."""
+        df = self._store.frame(
+            "SELECT node, host, ranks, gpus, gpu_name, status FROM run_nodes WHERE run=? ORDER BY node",
+            (self.seq,),
+        )
+        df["ranks"] = df["ranks"].map(json.loads)
+        return df
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """The variables the cell assigned, from rank 0."""
+        if self._live is not None and self._live.done.is_set():
+            return dict(self._live.outputs)
+        from .liverun import outputs_dir
+
+        path = outputs_dir(self._store, self.id) / "outputs.pkl"
+        if not path.exists():
+            return {}
+        with open(path, "rb") as f:
+            blobs = pickle.load(f)
+        return {name: values.loads(blob) for name, blob in blobs.items()}
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Outputs that could not come back, and why."""
+        return dict(self._live.skipped) if self._live is not None else {}
+
+    def logs(self, rank: int | None = None) -> str:
+        """Everything the ranks printed; prefixed by rank unless one rank is asked for."""
+        rows = self._store.logs_since(self.seq, 0, rank)
+        if rank is not None:
+            return "\n".join(line for _id, _rank, _stream, line in rows)
+        return "\n".join(f"[rank {r}] {line}" for _id, r, _stream, line in rows)
+
+    # --- control ---------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> "Run":
+        """Block until the run ends; raises its error if it failed, TimeoutError if still running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._live is not None:
+            if not self._live.wait(timeout):
+                raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
+        else:
+            while self.status not in TERMINAL:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
+                time.sleep(0.2)
+        if self.status == "failed" and self.error is not None:
+            raise self.error
+        return self
+
+    def cancel(self) -> None:
+        """Stop every rank (within 5 s); the run ends as cancelled."""
+        if self._live is not None:
+            self._live.cancel(reason="cancelled by the user")
+            return
+        if self.status in TERMINAL:
+            return
+        raise LeptonError(f"{self.name} belongs to another process (pid {self._row()['owner_pid']}); "
+                          "cancel it from that notebook")
+
+
+def _owner_gone(row: dict) -> bool:
+    import socket
+
+    if row["owner_host"] != socket.gethostname() or not row["owner_pid"]:
+        return False
+    if row["owner_pid"] == os.getpid():
+        return True  # ours, yet no live run in this process holds it: lost with an earlier session
+    try:
+        os.kill(row["owner_pid"], 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "not started"
+    return f"{seconds:.3g} s" if seconds < 60 else f"{seconds / 60:.1f} min"

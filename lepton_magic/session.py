@@ -1,0 +1,205 @@
+"""The Python API behind the magics: pools, runs, settings. Usable without IPython."""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import threading
+from typing import Any, Callable
+
+from . import cellcode, values
+from .config import Config
+from .errors import LeptonError
+from .liverun import LiveRun
+from .pool import Pool
+from .run import Run
+from .store import Store
+
+
+class Session:
+    """One per kernel (or script): owns the pools it started and the runs it submitted."""
+
+    def __init__(self, config: Config | None = None, store: Store | None = None):
+        self.config = config or Config.load()
+        self.store = store or Store()
+        self.pools: dict[str, Pool] = {}
+        self.live: dict[str, LiveRun] = {}
+        self.last_seq: int | None = None
+        self._lock = threading.RLock()
+        atexit.register(self.close)
+
+    # --- pools -----------------------------------------------------------------------------
+    def pool(self, backend: str | None = None) -> Pool | None:
+        pool = self.pools.get(backend or self.config["backend"])
+        return pool if pool is not None and not pool.closed else None
+
+    def up(self, backend: str | None = None, nodes: int | None = None, **settings: Any) -> Pool:
+        """Start (or grow) the pool of ``backend`` to ``nodes`` warm nodes."""
+        backend = backend or self.config["backend"]
+        nodes = nodes or self.config["nodes"]
+        with self._lock:
+            pool = self.pool(backend)
+            if pool is None:
+                merged = {"idle_timeout": self.config["idle_timeout"], "preload": self.config["preload"]}
+                merged.update({k: v for k, v in settings.items() if v is not None})
+                pool = Pool(self.store, backend, merged)
+                self.pools[backend] = pool
+            else:
+                pool.settings.update({k: v for k, v in settings.items() if v is not None})
+        pool.ensure(nodes)
+        return pool
+
+    def down(self, backend: str | None = None) -> int:
+        """Release pools (one backend, or all); returns how many nodes were stopped."""
+        with self._lock:
+            names = [backend] if backend else list(self.pools)
+            pools = [self.pools.pop(n) for n in names if n in self.pools]
+        stopped = 0
+        for pool in pools:
+            stopped += len(pool.live_nodes)
+            pool.down()
+        return stopped
+
+    def close(self) -> None:
+        try:
+            self.down()
+        except Exception:
+            pass
+
+    # --- runs ------------------------------------------------------------------------------
+    def submit(
+        self,
+        code: str,
+        namespace: dict | None = None,
+        *,
+        nodes: int | None = None,
+        gpus: int | None = None,
+        backend: str | None = None,
+        name: str | None = None,
+        inputs: list[str] | None = None,
+        outputs: list[str] | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        line_offset: int = cellcode.MAGIC_LINE_OFFSET,
+        bind: bool = True,
+        on_done: Callable[[LiveRun], None] | None = None,
+    ) -> Run:
+        """Run ``code`` on ``nodes`` nodes; returns at once with the Run (see ``Run.wait``).
+
+        Inputs default to the free names of the code found in ``namespace``; outputs default to
+        the names it assigns at top level, bound back into ``namespace`` when the run succeeds.
+        Raises ``CellSyntaxError`` or ``LeptonError`` before any node is used.
+        """
+        namespace = {} if namespace is None else namespace
+        tree = cellcode.check_syntax(code, line_offset)
+        backend = backend or self.config["backend"]
+        nodes = nodes or self.config["nodes"]
+        gpus = gpus if gpus is not None else self.config["gpus"]
+        timeout = timeout if timeout is not None else self.config["timeout"]
+        if inputs is None:
+            input_names = [n for n in cellcode.free_names(tree) if n in namespace]
+        else:
+            missing = [n for n in inputs if n not in namespace]
+            if missing:
+                raise LeptonError(f"--in names {', '.join(missing)}, which the notebook does not define")
+            input_names = inputs
+        shipped = {}
+        for n in input_names:
+            try:  # modules pickle by name: the node imports them
+                shipped[n] = values.dumps(namespace[n])
+            except Exception as e:
+                raise LeptonError(
+                    f"cannot send {n!r} (a {values.describe(namespace[n])}) to the nodes: {type(e).__name__}: "
+                    f"{e}. Create it inside the cell, or list what to send with --in"
+                ) from None
+        explicit = outputs is not None
+        output_names = outputs if explicit else cellcode.assigned_names(tree)
+
+        pool = self.up(backend, nodes)
+        run_id = f"r-{secrets.token_hex(4)}"
+        seq = self.store.add_run(
+            run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,
+            inputs=sorted(shipped), timeout=timeout, env=env or {},
+        )
+        row = self.store.run_row(seq)
+        callbacks: list[Callable[[LiveRun], None]] = []
+        if bind:
+            callbacks.append(lambda live: namespace.update(live.outputs))
+        if on_done is not None:
+            callbacks.append(on_done)
+        try:
+            links = pool.acquire(nodes, run_id)
+        except LeptonError as e:
+            self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
+            raise
+        live = LiveRun(
+            store=self.store, pool=pool, seq=seq, run_id=run_id, name=row["name"], code=code,
+            line_offset=line_offset, inputs=shipped, outputs=output_names, explicit_outputs=explicit,
+            nodes=links, gpus=gpus, timeout=timeout, env=env or {}, on_done=callbacks,
+        )
+        with self._lock:
+            self.live[run_id] = live
+            self.last_seq = seq
+        try:
+            live.start()
+        except LeptonError as e:
+            pool.release(live)
+            self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
+            raise
+        return Run(self.store, seq, live)
+
+    def get_run(self, key: str | int) -> Run:
+        row = self.store.run_row(key)
+        if row is None:
+            raise LeptonError(f"no run called {key!r} in {self.store.path}")
+        return Run(self.store, row["seq"], self.live.get(row["id"]))
+
+    def last_run(self) -> Run | None:
+        seq = self.last_seq
+        if seq is None:
+            rows = self.store.execute("SELECT MAX(seq) FROM runs")
+            seq = rows[0][0] if rows else None
+        if seq is None:
+            return None
+        row = self.store.run_row(seq)
+        return Run(self.store, seq, self.live.get(row["id"]))
+
+    def runs(self):
+        """Every run in the store, newest first."""
+        import pandas as pd
+
+        df = self.store.frame(
+            "SELECT id, name, status, backend, nodes, world_size, created, started, ended, reason, "
+            "owner_pid FROM runs ORDER BY seq DESC"
+        )
+        for _i, row in df.iterrows():
+            if row["status"] not in ("succeeded", "failed", "cancelled") and row["id"] not in self.live:
+                df.loc[_i, "status"] = Run(self.store, self.store.run_row(row["id"])["seq"]).status
+        df["duration"] = df["ended"].fillna(pd.Timestamp.now().timestamp()) - df["started"]
+        df["created"] = pd.to_datetime(df["created"], unit="s")
+        return df.drop(columns=["started", "ended"]).set_index("id")
+
+    def nodes(self):
+        """The nodes of the live pools, with their last telemetry."""
+        ids = [p.id for p in self.pools.values() if not p.closed]
+        if not ids:
+            import pandas as pd
+
+            return pd.DataFrame(columns=["pool", "node", "host", "status", "gpus", "cpu_percent"])
+        marks = ",".join("?" for _ in ids)
+        return self.store.frame(
+            f"SELECT pool, node, host, status, cpus, memory, gpus, gpu_name, python, torch, cpu_percent, "
+            f"mem_used, last_seen FROM nodes WHERE pool IN ({marks}) ORDER BY node", ids
+        )
+
+
+_default: Session | None = None
+_default_lock = threading.Lock()
+
+
+def default_session() -> Session:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Session()
+        return _default

@@ -1,0 +1,228 @@
+"""The embedded store: one SQLite database (WAL) under LEPTON_HOME holding pools, nodes, runs,
+metrics, logs and events.
+
+Everything a run produces is written here as it arrives, so a kernel killed mid-run keeps every
+point received, and a fresh process (or the server extension) reads the same truth. Writers keep
+their transactions short; WAL lets readers in other processes read meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools (
+    id TEXT PRIMARY KEY, backend TEXT NOT NULL, status TEXT NOT NULL,
+    created REAL NOT NULL, ended REAL, owner_pid INTEGER, owner_host TEXT, settings TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    pool TEXT NOT NULL, node TEXT NOT NULL, host TEXT, status TEXT NOT NULL DEFAULT 'starting',
+    cpus INTEGER, memory INTEGER, gpus INTEGER DEFAULT 0, gpu_name TEXT, gpu_memory INTEGER,
+    agent_pid INTEGER, python TEXT, torch TEXT, started REAL, last_seen REAL,
+    cpu_percent REAL, mem_used INTEGER, telemetry TEXT,
+    PRIMARY KEY (pool, node)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, name TEXT NOT NULL, pool TEXT,
+    backend TEXT, status TEXT NOT NULL, nodes INTEGER, gpus INTEGER, world_size INTEGER,
+    created REAL NOT NULL, started REAL, ended REAL, code TEXT, inputs TEXT, outputs TEXT,
+    error TEXT, reason TEXT, owner_pid INTEGER, owner_host TEXT, timeout REAL, env TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_name ON runs (name);
+CREATE TABLE IF NOT EXISTS run_nodes (
+    run INTEGER NOT NULL, node TEXT NOT NULL, host TEXT, ranks TEXT, gpus INTEGER,
+    gpu_name TEXT, status TEXT, PRIMARY KEY (run, node)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run INTEGER NOT NULL, rank INTEGER NOT NULL, step INTEGER, name TEXT NOT NULL,
+    value REAL, time REAL
+);
+CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run);
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY, run INTEGER NOT NULL, rank INTEGER, stream TEXT, time REAL, line TEXT
+);
+CREATE INDEX IF NOT EXISTS logs_run ON logs (run);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, run INTEGER, pool TEXT, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT
+);
+"""
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "starting", "running") + TERMINAL
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LEPTON_HOME") or Path.home() / ".local/share/lepton_magic")
+
+
+class Store:
+    """Thread-safe access to the database; one connection guarded by a lock."""
+
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home) if home else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.path = self.home / "store.sqlite"
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash (not a power cut) and costs no fsync.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- low level -------------------------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
+        with self._lock:
+            cursor = self._db.execute(sql, params)
+            columns = [c[0] for c in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Run several statements in one short transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def frame(self, sql: str, params: Sequence[Any] = ()):
+        import pandas as pd
+
+        with self._lock:
+            return pd.read_sql_query(sql, self._db, params=params)
+
+    # --- pools and nodes -------------------------------------------------------------------
+    def add_pool(self, pool_id: str, backend: str, settings: dict) -> None:
+        self.write([(
+            "INSERT INTO pools (id, backend, status, created, owner_pid, owner_host, settings)"
+            " VALUES (?, ?, 'up', ?, ?, ?, ?)",
+            (pool_id, backend, time.time(), os.getpid(), _host(), json.dumps(settings)),
+        )])
+
+    def end_pool(self, pool_id: str) -> None:
+        now = time.time()
+        self.write([
+            ("UPDATE pools SET status='down', ended=? WHERE id=?", (now, pool_id)),
+            ("UPDATE nodes SET status='released' WHERE pool=? AND status!='lost'", (pool_id,)),
+        ])
+
+    def upsert_node(self, pool_id: str, node: str, **fields: Any) -> None:
+        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        columns = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{k}=excluded.{k}" for k in fields)
+        self.write([(
+            f"INSERT INTO nodes (pool, node, {columns}) VALUES (?, ?, {marks})"
+            f" ON CONFLICT (pool, node) DO UPDATE SET {updates}",
+            (pool_id, node, *fields.values()),
+        )])
+
+    # --- runs ------------------------------------------------------------------------------
+    def add_run(self, run_id: str, name: str | None, **fields: Any) -> int:
+        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._db.execute(
+                    f"INSERT INTO runs (id, name, status, created, owner_pid, owner_host"
+                    f"{''.join(', ' + k for k in fields)}) VALUES (?, ?, 'queued', ?, ?, ?"
+                    f"{', ?' * len(fields)})",
+                    (run_id, name or "", time.time(), os.getpid(), _host(), *fields.values()),
+                ).lastrowid
+                if not name:
+                    self._db.execute("UPDATE runs SET name=? WHERE seq=?", (f"run-{seq}", seq))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return seq
+
+    def update_run(self, seq: int, **fields: Any) -> None:
+        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.write([(f"UPDATE runs SET {sets} WHERE seq=?", (*fields.values(), seq))])
+
+    def run_row(self, key: str | int) -> dict | None:
+        if isinstance(key, int):
+            rows = self.query("SELECT * FROM runs WHERE seq=?", (key,))
+        else:
+            rows = self.query("SELECT * FROM runs WHERE id=? ORDER BY seq DESC LIMIT 1", (key,)) or \
+                self.query("SELECT * FROM runs WHERE name=? ORDER BY seq DESC LIMIT 1", (key,))
+        return rows[0] if rows else None
+
+    def add_run_node(self, seq: int, node: str, host: str, ranks: list[int], gpus: int, gpu_name: str | None) -> None:
+        self.write([(
+            "INSERT OR REPLACE INTO run_nodes (run, node, host, ranks, gpus, gpu_name, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'starting')",
+            (seq, node, host, json.dumps(ranks), gpus, gpu_name),
+        )])
+
+    def set_run_node_status(self, seq: int, node: str, status: str) -> None:
+        self.write([("UPDATE run_nodes SET status=? WHERE run=? AND node=?", (status, seq, node))])
+
+    # --- streams ---------------------------------------------------------------------------
+    def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:
+        rows = zip([seq] * len(steps), [rank] * len(steps), steps, names, values, times)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    def add_logs(self, seq: int, rank: int, stream: str, when: float, lines: list[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
+                ((seq, rank, stream, when, line) for line in lines),
+            )
+            self._db.execute("COMMIT")
+
+    def add_event(self, kind: str, data: dict | None = None, run: int | None = None, pool: str | None = None) -> None:
+        self.write([(
+            "INSERT INTO events (run, pool, time, kind, data) VALUES (?, ?, ?, ?, ?)",
+            (run, pool, time.time(), kind, json.dumps(data) if data is not None else None),
+        )])
+
+    def logs_since(self, seq: int, after_id: int = 0, rank: int | None = None) -> list[tuple]:
+        sql = "SELECT id, rank, stream, line FROM logs WHERE run=? AND id>?"
+        params: list[Any] = [seq, after_id]
+        if rank is not None:
+            sql += " AND rank=?"
+            params.append(rank)
+        return self.execute(sql + " ORDER BY id", params)
+
+    def latest_metrics(self, seq: int, rank: int = 0, limit: int = 64) -> dict[str, tuple[int, float]]:
+        """The latest (step, value) of each metric of one rank."""
+        rows = self.execute(
+            "SELECT step, name, value FROM metrics WHERE run=? AND rank=? ORDER BY rowid DESC LIMIT ?",
+            (seq, rank, limit),
+        )
+        latest: dict[str, tuple[int, float]] = {}
+        for step, name, value in rows:
+            latest.setdefault(name, (step, value))
+        return latest
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
