@@ -73,6 +73,7 @@ class LiveRun:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.checkpoint_blob: bytes | None = None
+        self.rank_pids: dict[int, int] = {}
         self._rank_node: dict[int, str] = {}
         self._started: set[int] = set()
         self._answered: set[int] = set()  # ranks that sent a result or an error
@@ -131,6 +132,7 @@ class LiveRun:
             with self._lock:
                 first = not self._started
                 self._started.add(rank)
+                self.rank_pids[rank] = message["pid"]
             if first and self.status == "starting":
                 self._set_status("running")
             self.store.set_run_node_status(self.seq, link.name, "running")

@@ -1,0 +1,276 @@
+"""``%%lepton`` and ``%lepton``: argument parsing and display only; the work is in Session.
+
+One parser per (sub)command, built with IPython's ``magic_arguments``. Every mistake in what was
+typed becomes a ``UsageError`` with one line saying what was wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import cellcode
+from .config import BACKENDS, parse_backend, parse_count, parse_duration
+from .errors import LeptonError, RemoteError
+from .run import Run
+from .session import Session
+from .ui.progress import TextProgress
+
+SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "config")
+
+
+def _arg_type(parse, *extra):
+    def convert(text):
+        try:
+            return parse(text, *extra)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+_nodes = _arg_type(parse_count, "--nodes")
+_gpus = _arg_type(parse_count, "--gpus", 0)
+_duration = _arg_type(parse_duration)
+_backend = _arg_type(parse_backend)
+
+
+def _names(option):
+    return _arg_type(cellcode.parse_name_list, option)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().replace("_", "a").isalnum():
+        raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE (like OMP_NUM_THREADS=1), got {text!r}")
+    return key.strip(), value
+
+
+# --- parsers: one per magic -----------------------------------------------------------------
+@magic_arguments()
+@argument("--nodes", "-n", type=_nodes, default=None, help="nodes to run on (default: the nodes setting, 1)")
+@argument("--gpus", "-g", type=_gpus, default=None, help="GPUs (one rank each) per node; CPU-only nodes run 1 rank")
+@argument("--backend", "-b", type=_backend, default=None, help=f"where nodes come from: {', '.join(BACKENDS)}")
+@argument("--name", default=None, help="a name for the run (default run-N)")
+@argument("--in", dest="inputs", type=_names("--in"), default=None,
+          help="comma-separated variables to send (default: the free names the cell reads)")
+@argument("--out", dest="outputs", type=_names("--out"), default=None,
+          help="comma-separated variables to bring back (default: every name the cell assigns)")
+@argument("--async", dest="background", action="store_true", help="return at once; outputs bind when the run ends")
+@argument("--timeout", type=_duration, default=None, help="cancel the run after this long: 90s, 30m, 2h")
+@argument("--env", type=_env_pair, action="append", default=[], help="KEY=VALUE set on every rank (repeatable)")
+def _cell_args(line, cell):
+    """%%lepton [options]: run this cell on N nodes as a torch.distributed job."""
+
+
+@magic_arguments()
+@argument("--backend", "-b", type=_backend, default=None)
+@argument("--nodes", "-n", type=_nodes, default=None, help="nodes to start")
+@argument("--min", dest="min_nodes", type=_nodes, default=None, help="nodes to keep warm")
+@argument("--max", dest="max_nodes", type=_nodes, default=None, help="most nodes the pool may grow to")
+@argument("--gpus", "-g", type=_gpus, default=None)
+@argument("--idle-timeout", type=_duration, default=None, help="release the pool after this long idle")
+def _up_args(line):
+    """%lepton up: start (or grow) the pool of warm nodes."""
+
+
+@magic_arguments()
+@argument("run", help="run name or id")
+@argument("--timeout", type=_duration, default=None)
+def _wait_args(line):
+    """%lepton wait RUN: block until the run ends."""
+
+
+@magic_arguments()
+@argument("run", help="run name or id")
+def _cancel_args(line):
+    """%lepton cancel RUN: stop every rank of the run."""
+
+
+@magic_arguments()
+@argument("run", help="run name or id")
+@argument("--rank", "-r", type=_arg_type(parse_count, "--rank", 0), default=None)
+def _logs_args(line):
+    """%lepton logs RUN [--rank R]: what the ranks printed."""
+
+
+@magic_arguments()
+@argument("--backend", "-b", type=_backend, default=None)
+def _down_args(line):
+    """%lepton down: release every node of the pool."""
+
+
+_cell_args.parser.prog = "%%lepton"
+for _sub, _func in (("up", _up_args), ("down", _down_args), ("wait", _wait_args), ("cancel", _cancel_args),
+                    ("logs", _logs_args)):
+    _func.parser.prog = f"%lepton {_sub}"
+
+
+def _parse(parser_func, line: str):
+    try:
+        return parse_argstring(parser_func, line)
+    except SystemExit:  # -h/--help printed the usage; argparse then wants to exit
+        return None
+    except ValueError as e:  # unbalanced quotes in the line
+        raise UsageError(f"cannot read the options: {e}") from None
+    except UsageError as e:
+        if "unrecognized arguments" in str(e) or "the following arguments" in str(e):
+            parser = parser_func.parser
+            options = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+            positionals = [a.dest.upper() for a in parser._actions if not a.option_strings]
+            accepted = " ".join(positionals + options)
+            raise UsageError(f"{e}; {parser.prog} accepts: {accepted}") from None
+        raise
+
+
+@magics_class
+class LeptonMagics(Magics):
+    def __init__(self, shell, session: Session):
+        super().__init__(shell)
+        self.session = session
+
+    @line_cell_magic
+    def lepton(self, line: str, cell: str | None = None):
+        """Run a cell on remote nodes (%%lepton), or manage pools and runs (%lepton up|down|...)."""
+        if cell is not None:
+            return self._run_cell(line, cell)
+        try:
+            return self._subcommand(line)
+        except RemoteError:
+            raise
+        except LeptonError as e:
+            raise UsageError(str(e)) from None
+
+    # --- %%lepton --------------------------------------------------------------------------
+    def _run_cell(self, line: str, cell: str):
+        args = _parse(_cell_args, line)
+        if args is None:
+            return None
+        if not cell.strip():
+            raise UsageError("the cell is empty: write the code to run under the %%lepton line")
+        try:
+            run = self.session.submit(
+                cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
+                name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,
+                env=dict(args.env),
+            )
+        except (cellcode.CellSyntaxError, LeptonError) as e:
+            raise UsageError(str(e)) from None
+        if args.background:
+            print(f"{run.name} started on {len(run.nodes)} node(s) in the background · "
+                  f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
+            return None
+        return self._follow(run)
+
+    def _follow(self, run: Run):
+        """Show progress until the run ends; Ctrl-C cancels it."""
+        progress = TextProgress(run, status_line=self.session.config["progress"])
+        try:
+            while not run._live.wait(0.1):
+                progress.tick()
+        except KeyboardInterrupt:
+            run.cancel()
+            print(f"\ncancelling {run.name} …", flush=True)
+            run._live.wait(10)
+            progress.finish()
+            raise
+        progress.finish()
+        if run.status == "failed" and run.error is not None:
+            raise run.error
+        return None
+
+    # --- %lepton ... -------------------------------------------------------------------------
+    def _subcommand(self, line: str):
+        words = line.strip().split(None, 1)
+        if not words:
+            raise UsageError(f"%lepton needs a subcommand; accepted: {', '.join(SUBCOMMANDS)}")
+        command, rest = words[0], (words[1] if len(words) > 1 else "")
+        handler = getattr(self, f"_cmd_{command}", None)
+        if command not in SUBCOMMANDS or handler is None:
+            raise UsageError(f"unknown subcommand {command!r}; accepted: {', '.join(SUBCOMMANDS)}")
+        return handler(rest)
+
+    def _cmd_up(self, rest: str):
+        args = _parse(_up_args, rest)
+        if args is None:
+            return None
+        if args.nodes and (args.min_nodes or args.max_nodes):
+            raise UsageError("give either --nodes N or --min N --max M, not both")
+        if args.min_nodes and args.max_nodes and args.min_nodes > args.max_nodes:
+            raise UsageError(f"--min {args.min_nodes} is more than --max {args.max_nodes}")
+        nodes = args.nodes or args.min_nodes
+        pool = self.session.up(args.backend, nodes, idle_timeout=args.idle_timeout,
+                               max_nodes=args.max_nodes, gpus=args.gpus)
+        idle = pool.settings.get("idle_timeout")
+        print(f"pool {pool.id} up: {len(pool.live_nodes)} {pool.backend_name} node(s)"
+              + (f" · released after {idle:g} s idle" if idle else ""))
+        return None
+
+    def _cmd_down(self, rest: str):
+        args = _parse(_down_args, rest)
+        if args is None:
+            return None
+        stopped = self.session.down(args.backend)
+        print(f"released {stopped} node(s)" if stopped else "no pool is up")
+
+    def _cmd_status(self, rest: str):
+        if rest.strip():
+            raise UsageError("%lepton status takes no options")
+        return self.session.nodes()
+
+    def _cmd_runs(self, rest: str):
+        if rest.strip():
+            raise UsageError("%lepton runs takes no options")
+        return self.session.runs()
+
+    def _cmd_wait(self, rest: str):
+        args = _parse(_wait_args, rest)
+        if args is None:
+            return None
+        run = self.session.get_run(args.run)
+        if run._live is not None and args.timeout is None:
+            return self._follow(run)
+        try:
+            run.wait(args.timeout)
+        except TimeoutError as e:
+            raise UsageError(str(e)) from None
+        print(TextProgress(run).summary_text())
+
+    def _cmd_cancel(self, rest: str):
+        args = _parse(_cancel_args, rest)
+        if args is None:
+            return None
+        run = self.session.get_run(args.run)
+        run.cancel()
+        print(f"cancelling {run.name}")
+
+    def _cmd_logs(self, rest: str):
+        args = _parse(_logs_args, rest)
+        if args is None:
+            return None
+        print(self.session.get_run(args.run).logs(args.rank))
+
+    def _cmd_config(self, rest: str):
+        try:
+            pairs = shlex.split(rest)
+        except ValueError as e:
+            raise UsageError(f"cannot read the settings: {e}") from None
+        if not pairs:
+            import pandas as pd
+
+            return pd.DataFrame(self.session.config.rows()).set_index("key")
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UsageError(f"%lepton config takes key=value pairs, got {pair!r}")
+            try:
+                self.session.config.set(key, value)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        print(", ".join(f"{p.partition('=')[0].strip()} = {self.session.config[p.partition('=')[0].strip().replace('-', '_')]!r}"
+                        for p in pairs))

@@ -1,0 +1,69 @@
+"""Shared fixtures: a throwaway LEPTON_HOME, a real IPython shell with the extension loaded, and
+process helpers. Everything runs real worker processes on this machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+# Before lepton_magic creates its default session: keep the tests' store apart from the user's.
+os.environ["LEPTON_HOME"] = tempfile.mkdtemp(prefix="lepton-test-home-")
+os.environ.setdefault("LEPTON_CONFIG", os.path.join(os.environ["LEPTON_HOME"], "no-config.toml"))
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """A real InteractiveShell, as ipyparallel's tests use, with %load_ext lepton_magic done."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "lepton_magic")
+    yield shell
+    import lepton_magic
+
+    lepton_magic.session().down()
+
+
+@pytest.fixture
+def run_cell(ip):
+    """Run a cell; return (result, captured stdout)."""
+    import contextlib
+    import io
+
+    def run(source: str):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = ip.run_cell(source)
+        return result, out.getvalue()
+
+    return run
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    """Wait until none of ``pids`` is alive (zombies count as gone); return the survivors."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []

@@ -1,0 +1,204 @@
+"""%%lepton end to end on the local backend, through a real InteractiveShell and real processes."""
+
+import json
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+import lepton_magic as lm
+from lepton_magic.errors import RemoteError
+
+
+def test_two_node_ddp_with_all_reduce_comes_back(ip, run_cell):
+    ip.user_ns["X_train"] = torch.randn(64, 8)
+    ip.user_ns["y_train"] = torch.randint(0, 3, (64,))
+    result, out = run_cell(
+        "%%lepton --nodes 2\n"
+        "import torch\n"
+        "dist = lepton.init_distributed()\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.nn.Linear(8, 3)\n"
+        "ddp = torch.nn.parallel.DistributedDataParallel(model)\n"
+        "opt = torch.optim.SGD(ddp.parameters(), lr=0.1)\n"
+        "shard = slice(lepton.rank, None, lepton.world_size)\n"
+        "for step in range(20):\n"
+        "    opt.zero_grad()\n"
+        "    loss = torch.nn.functional.cross_entropy(ddp(X_train[shard]), y_train[shard])\n"
+        "    loss.backward()\n"
+        "    opt.step()\n"
+        "    lepton.log(step=step, loss=loss.item())\n"
+        "total = torch.tensor([float(lepton.rank + 1)])\n"
+        "dist.all_reduce(total)\n"
+        "ranks_seen = (lepton.rank, lepton.world_size)\n"
+    )
+    assert result.success, out
+    assert ip.user_ns["total"].item() == 3.0  # 1 + 2 from the two ranks
+    assert ip.user_ns["ranks_seen"] == (0, 2)  # rank 0's values come back
+    model = ip.user_ns["model"]
+    assert isinstance(model, torch.nn.Linear) and model.weight.device.type == "cpu"
+    assert isinstance(ip.user_ns["ddp"], torch.nn.Linear)  # DDP comes back unwrapped
+    assert "torch" not in ip.user_ns or ip.user_ns["torch"] is torch  # modules are not outputs
+    run = lm.last_run()
+    assert run.status == "succeeded"
+    metrics = run.metrics
+    assert list(metrics.columns) == ["rank", "step", "name", "value", "time"]
+    assert sorted(metrics["rank"].unique()) == [0, 1]
+    assert len(metrics) == 40  # 20 steps x 2 ranks, nothing lost
+    history = run.history
+    assert list(history.columns) == ["loss"] and list(history.index) == list(range(20))
+    nodes = run.nodes
+    assert list(nodes["node"]) == ["local-0", "local-1"] and list(nodes["ranks"]) == [[0], [1]]
+    assert run.id in lm.runs().index
+    assert "succeeded" in out and "bound:" in out
+
+
+def test_inputs_by_ast_and_outputs_by_assignment(ip, run_cell):
+    ip.user_ns.update(alpha=3, beta=4, unused=object())  # `unused` cannot be pickled, and is not needed
+    result, out = run_cell("%%lepton\ngamma = alpha * beta\n_hidden = 1\n")
+    assert result.success, out
+    assert ip.user_ns["gamma"] == 12 and "_hidden" not in ip.user_ns
+    row = lm.session().store.run_row(lm.last_run().id)
+    assert json.loads(row["inputs"]) == ["alpha", "beta"]
+
+
+def test_in_and_out_override_the_analysis(ip, run_cell):
+    ip.user_ns.update(p=2, q=5)
+    ip.user_ns.pop("r1", None)
+    result, out = run_cell("%%lepton --in p --out r2\nr1 = p * 10\nr2 = p + 1\n")
+    assert result.success, out
+    assert ip.user_ns["r2"] == 3 and "r1" not in ip.user_ns
+    result, out = run_cell("%%lepton --in p\nprint(q)\n")  # q not shipped: a NameError on the node
+    assert isinstance(result.error_in_exec, RemoteError)
+    assert result.error_in_exec.type_name == "NameError"
+
+
+def test_unpicklable_input_is_named_with_advice(ip, run_cell):
+    import threading
+
+    ip.user_ns["lock"] = threading.Lock()
+    result, _ = run_cell("%%lepton\nwith lock:\n    pass\n")
+    assert isinstance(result.error_in_exec, UsageError)
+    message = str(result.error_in_exec)
+    assert "'lock'" in message and "--in" in message and "\n" not in message
+
+
+def test_remote_exception_has_the_cell_line_number(ip, run_cell):
+    ip.user_ns.pop("before", None)
+    result, _ = run_cell("%%lepton --nodes 2\nbefore = 1\n\nvalue = {}['missing']\n")
+    error = result.error_in_exec
+    assert isinstance(error, RemoteError)
+    assert error.type_name == "KeyError" and error.line == 4
+    text = "\n".join(error._render_traceback_())
+    assert 'File "<lepton cell>", line 4' in text and "value = {}['missing']" in text
+    assert "lepton_magic" not in text  # no frames from inside the package
+    assert "before" not in ip.user_ns  # a failed run binds nothing
+    assert lm.last_run().status == "failed"
+
+
+def test_syntax_error_starts_nothing(ip, run_cell):
+    session = lm.session()
+    runs_before = session.store.execute("SELECT COUNT(*) FROM runs")[0][0]
+    session.down()
+    result, _ = run_cell("%%lepton --nodes 2\nx = 1\nfor\n")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "line 3" in str(result.error_in_exec)
+    assert session.pool() is None  # no node was started
+    assert session.store.execute("SELECT COUNT(*) FROM runs")[0][0] == runs_before
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("%%lepton --nodes 0", "--nodes takes a positive whole number, got '0'"),
+        ("%%lepton --nodes two", "--nodes takes a positive whole number, got 'two'"),
+        ("%%lepton --gpus -1", "--gpus takes a whole number"),
+        ("%%lepton --backend slurm", "unknown backend 'slurm'; accepted: local"),
+        ("%%lepton --timeout soon", "expected a duration like 90s, 30m or 2h, got 'soon'"),
+        ("%%lepton --in 1a", "--in takes comma-separated variable names"),
+        ("%%lepton --env NOEQUALS", "--env takes KEY=VALUE"),
+        ("%%lepton --frobnicate", "unrecognized arguments: --frobnicate; %%lepton accepts:"),
+    ],
+)
+def test_bad_arguments_get_one_clear_line(run_cell, line, expected):
+    result, _ = run_cell(f"{line}\nx = 1\n")
+    error = result.error_in_exec
+    assert isinstance(error, UsageError), error
+    assert expected in str(error)
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("%lepton", "needs a subcommand; accepted: up, down"),
+        ("%lepton launch", "unknown subcommand 'launch'"),
+        ("%lepton up --nodes 2 --min 1", "either --nodes N or --min N --max M"),
+        ("%lepton up --min 3 --max 2", "--min 3 is more than --max 2"),
+        ("%lepton wait", "the following arguments are required: run"),
+        ("%lepton wait no-such-run", "no run called 'no-such-run'"),
+        ("%lepton config color=blue", "unknown setting 'color'"),
+        ("%lepton config nodes=-2", "nodes: nodes takes a positive whole number"),
+        ("%lepton config nodes", "takes key=value pairs"),
+    ],
+)
+def test_bad_line_magic_use(run_cell, line, expected):
+    result, _ = run_cell(line)
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert expected in str(result.error_in_exec)
+
+
+def test_async_returns_at_once_and_binds_at_the_end(ip, run_cell):
+    ip.user_ns.pop("slow_result", None)
+    result, out = run_cell("%%lepton --async --name slowpoke\nimport time\ntime.sleep(1.0)\nslow_result = 42\n")
+    assert result.success and "background" in out
+    assert "slow_result" not in ip.user_ns
+    run = lm.get_run("slowpoke")
+    assert run.status in ("starting", "running")
+    assert run.wait(timeout=30) is run
+    assert run.status == "succeeded" and ip.user_ns["slow_result"] == 42
+    assert run.outputs == {"slow_result": 42}
+
+
+def test_env_and_torchrun_environment(ip, run_cell):
+    result, out = run_cell(
+        "%%lepton --nodes 2 --env MY_FLAG=on\n"
+        "import os\n"
+        "env = {k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE',"
+        " 'MASTER_ADDR', 'MASTER_PORT', 'MY_FLAG')}\n"
+        "print('flag', os.environ['MY_FLAG'], 'rank', lepton.rank)\n"
+    )
+    assert result.success, out
+    env = ip.user_ns["env"]
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "2" and env["LOCAL_RANK"] == "0"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MY_FLAG"] == "on"
+    logs = lm.last_run().logs()
+    assert "[rank 0] flag on rank 0" in logs and "[rank 1] flag on rank 1" in logs
+    assert lm.last_run().logs(rank=1) == "flag on rank 1"
+
+
+def test_unpicklable_output_is_reported_not_fatal(ip, run_cell):
+    result, out = run_cell("%%lepton\nimport threading\nok = 1\nguard = threading.Lock()\n")
+    assert result.success, out
+    assert ip.user_ns["ok"] == 1
+    assert "guard was not returned" in out
+
+
+def test_status_runs_and_config_magics(ip, run_cell):
+    ip.run_line_magic("lepton", "up --nodes 2")
+    nodes = ip.run_line_magic("lepton", "status")
+    assert len(nodes) >= 2 and set(nodes["status"]) == {"ready"}
+    runs = ip.run_line_magic("lepton", "runs")
+    assert {"name", "status", "duration"} <= set(runs.columns)
+    settings = ip.run_line_magic("lepton", "config")
+    assert "idle_timeout" in settings.index
+    _, out = run_cell("%lepton config timeout=45s")
+    assert lm.session().config["timeout"] == 45.0
+    lm.session().config.set("timeout", "none")
+
+
+def test_log_rejects_non_numbers(run_cell):
+    result, _ = run_cell("%%lepton\nlepton.log(loss='high')\n")
+    error = result.error_in_exec
+    assert isinstance(error, RemoteError) and error.type_name == "TypeError"
+    assert "lepton.log takes numbers; loss is not" in error.message
