@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import linecache
 import os
+import signal
 import sys
 import time
 import traceback
@@ -45,6 +46,7 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         checkpoint_blob=job.get("checkpoint"),
         attempt=job.get("attempt", 0),
     )
+    signal.signal(signal.SIGTERM, lambda *_: _terminate(lepton))
     writer.send({"t": "started", "run": run, "rank": rank, "pid": os.getpid(), "time": time.time()})
     namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
     for name, blob in job["inputs"].items():
@@ -125,6 +127,15 @@ def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, 
         }
     )
     return 1
+
+
+def _terminate(lepton: Lepton) -> None:
+    """On cancel: hand over the points logged so far, then go (SIGKILL follows if we hang)."""
+    try:
+        lepton.flush(lock_timeout=0.5)  # the main thread may hold the lock inside lepton.log
+        _flush_std()
+    finally:
+        os._exit(128 + signal.SIGTERM)
 
 
 def _flush_std() -> None:

@@ -74,10 +74,14 @@ class Lepton:
         if full or time.monotonic() - self._last_flush > BATCH_SECONDS:
             self.flush()
 
-    def flush(self) -> None:
-        with self._lock:
+    def flush(self, lock_timeout: float = -1) -> None:
+        if not self._lock.acquire(timeout=lock_timeout):
+            return
+        try:
             points, self._points = self._points, []
             self._last_flush = time.monotonic()
+        finally:
+            self._lock.release()
         if not points:
             return
         steps, names, vals, times = [], [], [], []

@@ -1,0 +1,178 @@
+"""Stopping things: cancel, timeout, Ctrl-C, a killed kernel, idle release. Checked with psutil."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import _thread
+
+import pytest
+
+import lepton_magic as lm
+from lepton_magic import protocol
+from lepton_magic.session import Session
+
+from procs import descendants, wait_gone
+
+SLEEPER = "import time\nfor i in range(600):\n    lepton.log(step=i, t=i)\n    time.sleep(0.1)\n"
+
+
+def _rank_pids(run, count, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = dict(run._live.rank_pids)
+        if len(pids) == count:
+            return list(pids.values())
+        time.sleep(0.05)
+    raise AssertionError(f"ranks did not start: {run._live.rank_pids}")
+
+
+def test_cancel_stops_every_rank_within_5s(ip):
+    run = lm.session().submit(SLEEPER, ip.user_ns, nodes=2)
+    pids = _rank_pids(run, 2)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    run.cancel()
+    assert run._live.wait(6.0)
+    assert not wait_gone(pids, 5.0 - (time.monotonic() - t0) + 0.5)
+    assert time.monotonic() - t0 < 5.0
+    assert run.status == "cancelled"
+    assert len(run.metrics) > 0  # what was logged before the cancel is kept
+
+
+def test_timeout_fails_the_run_and_kills_it(ip, run_cell):
+    result, out = run_cell("%%lepton --nodes 2 --timeout 1.5s\n" + SLEEPER)
+    run = lm.last_run()
+    assert run.status == "failed"
+    assert "timed out after 1.5 s" in str(result.error_in_exec)
+    assert not wait_gone(list(run._live.rank_pids.values()), 5.0)
+
+
+def test_ctrl_c_in_a_blocking_cell_cancels_the_run(ip, run_cell):
+    timer = threading.Timer(1.5, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    result, out = run_cell("%%lepton --nodes 2\n" + SLEEPER)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    run = lm.last_run()
+    assert run.status == "cancelled" and "cancelling" in out
+    assert time.monotonic() - t0 < 10
+    assert not wait_gone(list(run._live.rank_pids.values()), 5.0)
+
+
+def test_down_leaves_no_process(ip):
+    session = lm.session()
+    pool = session.up(nodes=2)
+    agents = [link.facts["pid"] for link in pool.live_nodes]
+    run = session.submit(SLEEPER, ip.user_ns, nodes=2)
+    everything = agents + [p for a in agents for p in descendants(a)] + _rank_pids(run, 2)
+    session.down()
+    assert run.status == "cancelled"
+    assert not wait_gone(everything, 10.0)
+
+
+def test_idle_pool_is_released(tmp_path):
+    session = Session(store=lm.session().store)
+    session.config.set("idle_timeout", "1s")
+    pool = session.up(nodes=1)
+    agent = pool.live_nodes[0].facts["pid"]
+    assert not wait_gone([agent], 8.0)
+    assert pool.closed
+    rows = session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))
+    assert rows[0]["status"] == "down"
+
+
+KERNEL = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from lepton_magic.session import Session
+    session = Session()
+    run = session.submit({code!r}, {{}}, nodes=2)
+    deadline = time.time() + 60
+    while len(run._live.rank_pids) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.6)  # let some points reach the store
+    pool = session.pool()
+    agents = [link.facts["pid"] for link in pool.live_nodes]
+    print(" ".join(map(str, agents + list(run._live.rank_pids.values()))), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_kill_9_of_the_kernel_leaves_no_orphans(tmp_path):
+    script = tmp_path / "kernel.py"
+    script.write_text(KERNEL.format(root=os.getcwd(), code=SLEEPER))
+    env = dict(os.environ, LEPTON_HOME=str(tmp_path / "home"))
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    line = kernel.stdout.readline()
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 4, line
+    everything = pids + [d for p in pids[:2] for d in descendants(p)]
+    os.kill(kernel.pid, signal.SIGKILL)
+    kernel.wait()
+    survivors = wait_gone(everything, 30.0)
+    assert not survivors, f"still alive 30 s after kill -9 of the kernel: {survivors}"
+    # A fresh process sees the run as failed, not forever "running".
+    check = subprocess.run(
+        [sys.executable, "-c", "import lepton_magic as lm; r = lm.last_run(); print(r.status, len(r.metrics) > 0)"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert check.stdout.split() == ["failed", "True"], check.stderr
+
+
+def test_store_is_readable_from_a_fresh_process(ip, run_cell):
+    result, _ = run_cell(
+        "%%lepton --nodes 2 --name fresh-read\n"
+        "for s in range(50):\n    lepton.log(step=s, loss=1.0 / (s + 1), acc=s / 50)\n"
+        "answer = {'rank': lepton.rank, 'values': list(range(5))}\n"
+    )
+    assert result.success
+    code = (
+        "import lepton_magic as lm\n"
+        "r = lm.get_run('fresh-read')\n"
+        "print(r.status, len(r.metrics), r.history.shape, r.outputs['answer']['values'], len(lm.runs()) > 0)\n"
+    )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # outputs are written just after the run ends
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            break
+        time.sleep(0.2)
+    assert out.stdout.split() == ["succeeded", "200", "(50,", "2)", "[0,", "1,", "2,", "3,", "4]", "True"], out.stderr
+
+
+def test_a_live_agent_drops_a_tampered_frame(tmp_path):
+    """A forged 'run' frame (wrong key) must not execute; the agent logs and carries on."""
+    marker = tmp_path / "pwned"
+    secret = protocol.new_secret()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "lepton_magic.agent", "--node", "t0", "--preload", ""],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )
+    try:
+        agent.stdin.write(secret)
+        reader = protocol.FrameReader(agent.stdout.fileno(), secret)
+        assert reader.read()["t"] == "node"
+        job = {
+            "t": "run", "run": "r-evil", "code": f"open({str(marker)!r}, 'w').write('x')", "line_offset": 1,
+            "inputs": {}, "outputs": [], "explicit_outputs": False, "node": "t0", "node_rank": 0,
+            "nnodes": 1, "rank_offset": 0, "local_world_size": 1, "world_size": 1,
+            "master_addr": "127.0.0.1", "master_port": 29999, "env": {},
+        }
+        agent.stdin.write(protocol.encode(protocol.new_secret(), job))
+        agent.stdin.write(protocol.encode(secret, {"t": "ping", "time": 1.0}))
+        reply = reader.read()
+        while reply["t"] == "heartbeat":
+            reply = reader.read()
+        assert reply["t"] == "pong"  # the agent is alive and answered the genuine frame
+        time.sleep(0.5)
+        assert not marker.exists()
+    finally:
+        agent.stdin.close()
+        agent.wait(10)
+    assert "failed HMAC verification" in agent.stderr.read().decode()
