@@ -141,6 +141,7 @@ class LiveRun:
                 self._answered.add(rank)
                 if rank == 0:
                     self._result = message
+            self._finish_if_answered()
         elif kind == "error":
             error = RemoteError(self.name, rank, link.name, message["type"], message["message"],
                                 message["traceback"], message.get("line"))
@@ -154,6 +155,7 @@ class LiveRun:
             if first:
                 # The others may wait forever in a collective for the rank that died.
                 self.cancel(reason=f"rank {rank} failed", failure=True)
+            self._finish_if_answered()
         elif kind == "checkpoint":
             self.checkpoint_blob = message["blob"]
             self.store.add_event("checkpoint", {"rank": rank, "bytes": len(message["blob"])}, run=self.seq)
@@ -178,6 +180,14 @@ class LiveRun:
         if others and not finished:
             self._send_cancel()
         if finished:
+            self._finish()
+
+    def _finish_if_answered(self) -> None:
+        # Every rank has sent its result or error: the run is over. Their processes exit on
+        # their own just after; waiting for that would only add the exit to the latency.
+        with self._lock:
+            answered = len(self._answered) >= self.world_size
+        if answered:
             self._finish()
 
     def on_node_lost(self, link: NodeLink, reason: str) -> None:

@@ -79,7 +79,7 @@ class Agent:
         self.inbox = FrameSplitter(secret, "kernel")
         self.sel = selectors.DefaultSelector()
         self.ranks: list[RankProcess] = []
-        self.want_standbys = 1
+        self.want_standbys = 2
         self.zygote_sock: socket.socket | None = None
         self.zygote_ready = False
         self.logs: dict[tuple[str, int, str], list[str]] = {}
@@ -108,14 +108,20 @@ class Agent:
         timeout = max(0.0, min(deadlines) - now)
         for key, _mask in self.sel.select(timeout):
             kind, rank = key.data
-            if kind == "kernel":
-                self.on_kernel()
-            elif kind == "zygote":
-                self.on_zygote()
-            elif kind == "ctrl":
-                self.on_ctrl(rank)
-            else:
-                self.on_output(rank, 1 if kind == "out" else 2, key.fd)
+            try:
+                if kind == "kernel":
+                    self.on_kernel()
+                elif kind == "zygote":
+                    self.on_zygote()
+                elif kind == "ctrl":
+                    if rank.ctrl is not None:
+                        self.on_ctrl(rank)
+                elif key.fd in (rank.out_fd, rank.err_fd):  # not closed earlier in this round
+                    self.on_output(rank, 1 if kind == "out" else 2, key.fd)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                print(f"lepton agent {self.node}: {kind}: {e}", file=sys.stderr, flush=True)
             if not self.running:
                 return
         self.flush_logs()
@@ -163,7 +169,9 @@ class Agent:
 
     def start_run(self, job: dict) -> None:
         local = job["local_world_size"]
-        self.want_standbys = max(self.want_standbys, local)
+        # Two per rank slot: the next run then takes a standby that finished starting long ago,
+        # not the one being forked right now.
+        self.want_standbys = max(self.want_standbys, 2 * local)
         for local_rank in range(local):
             proc = self.take_standby()
             proc.run = job["run"]
@@ -183,9 +191,8 @@ class Agent:
         return [r for r in self.ranks if r.run is None and r.open == 3]
 
     def take_standby(self) -> RankProcess:
-        idle = self.idle()
-        proc = idle[0] if idle else self.new_standby()
-        return proc
+        idle = sorted(self.idle(), key=lambda r: (not r.greeted, not r.preloaded))
+        return idle[0] if idle else self.new_standby()
 
     def replenish(self) -> None:
         while len(self.idle()) < self.want_standbys:
@@ -195,6 +202,8 @@ class Agent:
         ctrl, child_ctrl = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
         proc = RankProcess(ctrl, out_r, err_r, self.secret)
         if self.zygote_ready and self.zygote_sock is not None:
             socket.send_fds(self.zygote_sock, [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
@@ -247,6 +256,10 @@ class Agent:
             self.close_fd(proc, "ctrl")
             return
         proc.splitter.feed(data)
+        if proc.run is not None:
+            # Whatever the rank printed before this frame is already in its pipes: send it first,
+            # so the kernel has every line once it sees the result.
+            self.drain_output(proc)
         for frame, body, _mac in proc.splitter.frames():
             if not proc.greeted:
                 message = decode_body(body)
@@ -258,6 +271,15 @@ class Agent:
                     continue
             # Rank frames are signed with the pool secret: relay them to the kernel as they are.
             self.out.send_frame(frame)
+
+    def drain_output(self, proc: RankProcess) -> None:
+        for stream, fd in ((1, proc.out_fd), (2, proc.err_fd)):
+            while fd is not None and getattr(proc, "out_fd" if stream == 1 else "err_fd") is not None:
+                try:
+                    self.on_output(proc, stream, fd)
+                except BlockingIOError:
+                    break
+        self.flush_logs()
 
     def on_output(self, proc: RankProcess, stream: int, fd: int) -> None:
         data = os.read(fd, 1 << 16)

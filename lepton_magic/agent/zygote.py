@@ -8,6 +8,7 @@ socket, stdout pipe, stderr pipe) over a SOCK_SEQPACKET pair with SCM_RIGHTS.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -72,6 +73,12 @@ def serve(sock: socket.socket, secret: bytes, preload: list[str]) -> int:
     if torch is not None:
         info["torch"] = torch.__version__
         info["cuda_build"] = torch.version.cuda
+    # Import what every standby runs, then freeze the heap: the garbage collector in a child
+    # then never walks (and so never copies) the pages it shares with the zygote.
+    from . import rank  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
     sock.send(READY + msgpack.packb(info))
     while True:
         try:

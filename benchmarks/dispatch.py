@@ -1,0 +1,44 @@
+"""Warm dispatch: a trivial cell (`x = 1`) on a warm 2-node pool, end to end through the magic,
+against ipyparallel's `%%px --block x = 1` on 2 engines, measured in the same run.
+
+    python benchmarks/dispatch.py [--repeat 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import fresh_home, quiet, ratio_line, shell, start_ipyparallel, summary, timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+    fresh_home()
+    ip = shell()
+    print(f"warm dispatch of `x = 1` on 2 nodes, {args.repeat} cells each")
+
+    cluster, client = start_ipyparallel(2)
+    client.activate()  # registers %%px on this shell
+    px = timed(lambda: quiet(ip.run_cell_magic, "px", "--block", "x = 1"), args.repeat, warmup=10)
+    baseline = summary("ipyparallel %%px --block (2 engines)", px)
+    client.close()
+    cluster.stop_cluster_sync()
+
+    ip.run_line_magic("load_ext", "lepton_magic")
+    import lepton_magic as lm
+
+    lm.session().config.set("progress", "false")
+    quiet(ip.run_line_magic, "lepton", "up --nodes 2")
+    time.sleep(5)  # let the zygotes finish importing torch: a warm pool
+    ours = timed(lambda: quiet(ip.run_cell_magic, "lepton", "--nodes 2", "x = 1"), args.repeat, warmup=10)
+    med = summary("lepton %%lepton --nodes 2", ours)
+    assert ip.user_ns["x"] == 1
+    quiet(ip.run_line_magic, "lepton", "down")
+    ratio_line("warm dispatch", med, baseline, "<= 0.5")
+
+
+if __name__ == "__main__":
+    main()
