@@ -74,7 +74,7 @@ SETTINGS: dict[str, Setting] = {
                     "GPUs (rank processes) per node; none = every GPU the node has"),
     "idle_timeout": Setting(1800.0, parse_duration, "release an idle pool after this long (off to keep it)"),
     "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
-    "preload": Setting("torch", str, "modules each node imports ahead of runs (comma-separated)"),
+    "preload": Setting("torch,numpy,pandas", str, "modules each node imports ahead of runs (comma-separated)"),
     "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
 }
 

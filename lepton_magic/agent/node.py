@@ -340,7 +340,7 @@ class Agent:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lepton_magic.agent")
     parser.add_argument("--node", default=socket.gethostname())
-    parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch"),
+    parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch,numpy,pandas"),
                         help="comma-separated modules the zygote imports ahead of jobs ('' for none)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # standbys are reaped by the kernel

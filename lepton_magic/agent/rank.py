@@ -132,7 +132,7 @@ def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, 
 def _terminate(lepton: Lepton) -> None:
     """On cancel: hand over the points logged so far, then go (SIGKILL follows if we hang)."""
     try:
-        lepton.flush(lock_timeout=0.5)  # the main thread may hold the lock inside lepton.log
+        lepton.flush(lock_timeout=0.5)
         _flush_std()
     finally:
         os._exit(128 + signal.SIGTERM)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from .. import values
+
+_now = time.time
 
 #: A batch leaves the rank when it holds this many points, or when it is this old.
 BATCH_POINTS = 4096
@@ -39,10 +42,9 @@ class Lepton:
         self.attempt = attempt
         self._send = send
         self._checkpoint_blob = checkpoint_blob
-        self._points: list[tuple[int, float, dict]] = []
+        self._points: deque[tuple[int, float, dict]] = deque()
         self._next_step = 0
-        self._last_flush = time.monotonic()
-        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
         self._flusher.start()
@@ -58,47 +60,41 @@ class Lepton:
         """Record metrics at ``step`` (default: one past the previous step)."""
         if step is None:
             step = self._next_step
-        try:
-            point = {name: float(value) for name, value in metrics.items()}
-        except (TypeError, ValueError):
-            bad = [k for k, v in metrics.items() if not _is_number(v)]
-            raise TypeError(
-                f"lepton.log takes numbers; {', '.join(bad)} "
-                f"{'is' if len(bad) == 1 else 'are'} not (use .item() on a tensor)"
-            ) from None
-        now = time.time()
-        with self._lock:
-            self._next_step = step + 1
-            self._points.append((step, now, point))
-            full = len(self._points) >= BATCH_POINTS
-        if full or time.monotonic() - self._last_flush > BATCH_SECONDS:
+        for value in metrics.values():
+            if type(value) is not float:
+                metrics = _as_floats(metrics)
+                break
+        self._next_step = step + 1
+        points = self._points
+        # deque.append is atomic, so the flusher thread can drain concurrently without a lock.
+        points.append((step, _now(), metrics))
+        if len(points) >= BATCH_POINTS:
             self.flush()
 
     def flush(self, lock_timeout: float = -1) -> None:
-        if not self._lock.acquire(timeout=lock_timeout):
+        """Send the points logged so far. A signal handler passes a timeout: the interrupted
+        main thread may itself be inside flush, holding the lock."""
+        points = self._points
+        steps, names, vals, times = [], [], [], []
+        if not self._flush_lock.acquire(timeout=lock_timeout):
             return
         try:
-            points, self._points = self._points, []
-            self._last_flush = time.monotonic()
+            for _ in range(len(points)):
+                step, t, point = points.popleft()
+                for name, value in point.items():
+                    steps.append(step)
+                    names.append(name)
+                    vals.append(value)
+                    times.append(t)
+            if steps:
+                self._send({"t": "metrics", "run": self.run, "rank": self.rank,
+                            "step": steps, "name": names, "value": vals, "time": times})
         finally:
-            self._lock.release()
-        if not points:
-            return
-        steps, names, vals, times = [], [], [], []
-        for step, t, point in points:
-            for name, value in point.items():
-                steps.append(step)
-                names.append(name)
-                vals.append(value)
-                times.append(t)
-        self._send(
-            {"t": "metrics", "run": self.run, "rank": self.rank,
-             "step": steps, "name": names, "value": vals, "time": times}
-        )
+            self._flush_lock.release()
 
     def _flush_periodically(self) -> None:
         while not self._closed.wait(BATCH_SECONDS):
-            if self._points and time.monotonic() - self._last_flush >= BATCH_SECONDS:
+            if self._points:
                 self.flush()
 
     # --- devices and torch.distributed -----------------------------------------------------
@@ -163,6 +159,17 @@ class Lepton:
                 dist.destroy_process_group()
             except Exception:
                 pass
+
+
+def _as_floats(metrics: dict) -> dict:
+    try:
+        return {name: float(value) for name, value in metrics.items()}
+    except (TypeError, ValueError):
+        bad = [k for k, v in metrics.items() if not _is_number(v)]
+        raise TypeError(
+            f"lepton.log takes numbers; {', '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not (use .item() on a tensor)"
+        ) from None
 
 
 def _is_number(value: Any) -> bool:

@@ -1,0 +1,62 @@
+"""Result transfer: a 1M-row x 4-column DataFrame made on a node and bound in the kernel,
+against ipyparallel making the same frame on an engine and pulling it, in the same run.
+
+    python benchmarks/results.py [--rows 1000000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import fresh_home, quiet, ratio_line, start_ipyparallel, summary, timed
+
+MAKE = (
+    "import numpy as np, pandas as pd\n"
+    "rng = np.random.default_rng(0)\n"
+    "df = pd.DataFrame({{'a': rng.random({rows}), 'b': rng.random({rows}), "
+    "'c': np.arange({rows}), 'd': rng.random({rows}).astype('float32')}})\n"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    fresh_home()
+    code = MAKE.format(rows=args.rows)
+    print(f"result transfer: a {args.rows:,} x 4 DataFrame made remotely and bound in the kernel")
+
+    cluster, client = start_ipyparallel(1)
+    engine = client[0]
+
+    def ipp_once():
+        engine.execute(code, block=True)
+        frame = engine.pull("df", block=True)
+        assert len(frame) == args.rows
+
+    baseline = summary("ipyparallel execute + pull", timed(ipp_once, args.repeat, warmup=1))
+    client.close()
+    cluster.stop_cluster_sync()
+
+    from lepton_magic.session import Session
+
+    session = Session()
+    session.up(nodes=1)
+    time.sleep(4)
+    ns: dict = {}
+
+    def lepton_once():
+        session.submit(code, ns, nodes=1, outputs=["df"]).wait()
+        assert len(ns["df"]) == args.rows
+
+    ours = summary("lepton %%lepton --out df (1 node)", timed(lepton_once, args.repeat, warmup=1))
+    session.down()
+    size = ns["df"].memory_usage(index=True).sum()
+    print(f"  frame size in memory: {size / 1e6:.1f} MB")
+    ratio_line("result transfer", ours, baseline, "<= 0.33, i.e. >= 3x faster")
+
+
+if __name__ == "__main__":
+    main()
