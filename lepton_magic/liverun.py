@@ -7,12 +7,13 @@ only what is needed to decide when and how it ended, and the outputs to bind.
 from __future__ import annotations
 
 import logging
-import pickle
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import msgpack
 
 from . import values
 from .backends import NodeLink
@@ -73,6 +74,7 @@ class LiveRun:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.checkpoint_blob: bytes | None = None
+        self.transfer: dict | None = None
         self.rank_pids: dict[int, int] = {}
         self._rank_node: dict[int, str] = {}
         self._started: set[int] = set()
@@ -251,8 +253,14 @@ class LiveRun:
                 self.error = LeptonError("rank 0 finished without sending its result")
             if status == "succeeded":
                 self._load_outputs(self._result)
+                self._record_transfer(self._result)
             self.status = status
             self.ended_at = time.time()
+        node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
+        self.store.write([(
+            "UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
+            (node_status, self.seq),
+        )])
         self.store.update_run(
             self.seq, status=status, ended=self.ended_at,
             outputs=sorted(self.outputs),
@@ -266,27 +274,40 @@ class LiveRun:
             except Exception:
                 log.exception("a run-end callback failed")
         self.done.set()
-        if self._result is not None and self._result.get("outputs"):
-            blobs = self._result["outputs"]
-            threading.Thread(target=self._persist_outputs, args=(blobs,), daemon=True).start()
+        if self.outputs:
+            threading.Thread(target=self._persist_outputs, args=(self._result,), daemon=True).start()
 
     def _load_outputs(self, result: dict) -> None:
         self.skipped.update(result.get("skipped") or {})
-        for name, blob in (result.get("outputs") or {}).items():
-            try:
-                self.outputs[name] = values.loads(blob)
-            except Exception as e:
+        if result.get("outputs") is None:
+            return
+        try:
+            self.outputs.update(values.loads(result["outputs"], result.get("_buffers")))
+        except Exception as e:
+            for name in result.get("names") or []:
                 self.skipped[name] = f"could not be loaded in the kernel ({type(e).__name__}: {e})"
 
-    def _persist_outputs(self, blobs: dict[str, bytes]) -> None:
+    def _record_transfer(self, result: dict) -> None:
+        """How many bytes came back and how long from rank 0 starting to pickle to bound here."""
+        size = len(result.get("outputs") or b"") + sum(b.nbytes for b in result.get("_buffers") or [])
+        seconds = time.time() - result["collect_started"] if result.get("collect_started") else None
+        self.transfer = {"bytes": size, "seconds": seconds, "names": sorted(self.outputs)}
+        self.store.add_event("outputs", self.transfer, run=self.seq)
+
+    def _persist_outputs(self, result: dict) -> None:
         """Keep the pickled outputs beside the store, so a later process can read run.outputs."""
         try:
             folder = outputs_dir(self.store, self.id)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / "outputs.pkl.tmp"
+            buffers = result.get("_buffers") or []
+            meta = msgpack.packb({"pickle": result["outputs"], "lens": [b.nbytes for b in buffers]})
             with open(tmp, "wb") as f:
-                pickle.dump(blobs, f, protocol=pickle.HIGHEST_PROTOCOL)
-            tmp.replace(folder / "outputs.pkl")
+                f.write(len(meta).to_bytes(8, "big"))
+                f.write(meta)
+                for buffer in buffers:
+                    f.write(buffer)
+            tmp.replace(folder / OUTPUTS_FILE)
         except OSError:
             log.exception("could not save the outputs of %s", self.id)
 
@@ -302,8 +323,19 @@ class LiveRun:
         timer.start()
 
 
+OUTPUTS_FILE = "outputs.bin"
+
+
 def outputs_dir(store: Store, run_id: str) -> Path:
     return Path(store.home) / "runs" / run_id
+
+
+def read_outputs(path: Path) -> dict:
+    """The outputs a run saved (see ``LiveRun._persist_outputs``)."""
+    with open(path, "rb") as f:
+        meta = msgpack.unpackb(f.read(int.from_bytes(f.read(8), "big")))
+        buffers = [bytearray(f.read(n)) for n in meta["lens"]]
+    return values.loads(meta["pickle"], buffers)
 
 
 def _error_record(error: LeptonError | None) -> dict | None:

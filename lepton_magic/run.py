@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import values
 from .errors import LeptonError, RemoteError
 from .store import TERMINAL, Store
 
@@ -91,7 +89,7 @@ class Run:
         )
         import pandas as pd
 
-        df["time"] = pd.to_datetime(df["time"], unit="s")
+        df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
         return df
 
     @property
@@ -119,14 +117,10 @@ class Run:
         """The variables the cell assigned, from rank 0."""
         if self._live is not None and self._live.done.is_set():
             return dict(self._live.outputs)
-        from .liverun import outputs_dir
+        from .liverun import OUTPUTS_FILE, outputs_dir, read_outputs
 
-        path = outputs_dir(self._store, self.id) / "outputs.pkl"
-        if not path.exists():
-            return {}
-        with open(path, "rb") as f:
-            blobs = pickle.load(f)
-        return {name: values.loads(blob) for name, blob in blobs.items()}
+        path = outputs_dir(self._store, self.id) / OUTPUTS_FILE
+        return read_outputs(path) if path.exists() else {}
 
     @property
     def skipped(self) -> dict[str, str]:

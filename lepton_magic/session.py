@@ -176,7 +176,7 @@ class Session:
             if row["status"] not in ("succeeded", "failed", "cancelled") and row["id"] not in self.live:
                 df.loc[_i, "status"] = Run(self.store, self.store.run_row(row["id"])["seq"]).status
         df["duration"] = df["ended"].fillna(pd.Timestamp.now().timestamp()) - df["started"]
-        df["created"] = pd.to_datetime(df["created"], unit="s")
+        df["created"] = pd.to_datetime(df["created"], unit="s", utc=True)
         return df.drop(columns=["started", "ended"]).set_index("id")
 
     def nodes(self):

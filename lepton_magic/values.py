@@ -25,12 +25,21 @@ def _rebuild_parameter(cpu_tensor: Any, requires_grad: bool) -> Any:
     return torch.nn.Parameter(cpu_tensor, requires_grad=requires_grad)
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 class _CPUPickler(cloudpickle.Pickler):
-    """cloudpickle, with every tensor that lives on an accelerator copied to the CPU."""
+    """cloudpickle, with every tensor that lives on an accelerator copied to the CPU, and every
+    DistributedDataParallel wrapper (it holds a process group) replaced by the model inside."""
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+        if torch is None:
+            return super().reducer_override(obj)
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+            return _identity, (obj.module,)
+        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
             cpu = obj.detach().to("cpu")
             if isinstance(obj, torch.nn.Parameter):
                 return _rebuild_parameter, (cpu, obj.requires_grad)
@@ -39,21 +48,24 @@ class _CPUPickler(cloudpickle.Pickler):
 
 
 def dumps(value: Any) -> bytes:
+    """One self-contained pickle (inputs, checkpoints)."""
     buffer = io.BytesIO()
     _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
     return buffer.getvalue()
 
 
-def loads(blob: bytes) -> Any:
-    return pickle.loads(blob)
+def dumps_oob(value: Any) -> tuple[bytes, list[memoryview]]:
+    """A pickle plus its large buffers kept out of band (pickle protocol 5): arrays and frames
+    are sent from their own memory, never copied into the pickle."""
+    buffers: list[memoryview] = []
+    stream = io.BytesIO()
+    pickler = _CPUPickler(stream, protocol=5, buffer_callback=lambda b: buffers.append(b.raw()))
+    pickler.dump(value)
+    return stream.getvalue(), buffers
 
 
-def unwrap(value: Any) -> Any:
-    """A DistributedDataParallel wrapper holds a process group; return the model inside."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.nn.parallel.DistributedDataParallel):
-        return value.module
-    return value
+def loads(blob: bytes, buffers: list | None = None) -> Any:
+    return pickle.loads(blob, buffers=buffers or ())
 
 
 def is_shippable(value: Any) -> bool:

@@ -49,6 +49,7 @@ def test_two_node_ddp_with_all_reduce_comes_back(ip, run_cell):
     assert list(history.columns) == ["loss"] and list(history.index) == list(range(20))
     nodes = run.nodes
     assert list(nodes["node"]) == ["local-0", "local-1"] and list(nodes["ranks"]) == [[0], [1]]
+    assert list(nodes["status"]) == ["done", "done"]
     assert run.id in lm.runs().index
     assert "succeeded" in out and "bound:" in out
 
@@ -202,3 +203,29 @@ def test_log_rejects_non_numbers(run_cell):
     error = result.error_in_exec
     assert isinstance(error, RemoteError) and error.type_name == "TypeError"
     assert "lepton.log takes numbers; loss is not" in error.message
+
+
+def test_outputs_keep_shared_references(ip, run_cell):
+    result, out = run_cell(
+        "%%lepton\n"
+        "import torch\n"
+        "net = torch.nn.Linear(2, 2)\n"
+        "opt = torch.optim.SGD(net.parameters(), lr=0.1)\n"
+        "pair = [net, net]\n"
+    )
+    assert result.success, out
+    net, opt, pair = ip.user_ns["net"], ip.user_ns["opt"], ip.user_ns["pair"]
+    assert pair[0] is net and pair[1] is net
+    assert opt.param_groups[0]["params"][0] is net.weight  # opt.step() in the notebook moves net
+
+
+def test_large_dataframe_output(ip, run_cell):
+    result, out = run_cell(
+        "%%lepton --out frame\n"
+        "import numpy as np, pandas as pd\n"
+        "frame = pd.DataFrame({'a': np.arange(300_000), 'b': np.ones(300_000)})\n"
+    )
+    assert result.success, out
+    frame = ip.user_ns["frame"]
+    assert frame.shape == (300_000, 2) and int(frame["a"].sum()) == 299_999 * 300_000 // 2
+    frame.loc[0, "b"] = 5.0  # arrays rebuilt from received buffers are writable

@@ -44,7 +44,7 @@ def test_tampered_frame_is_dropped_before_decoding(caplog):
 
 def test_body_is_not_decoded_when_the_mac_is_wrong(monkeypatch):
     calls = []
-    monkeypatch.setattr(protocol, "decode_body", lambda body: calls.append(body) or msgpack.unpackb(body))
+    monkeypatch.setattr(protocol, "decode_body", lambda n, body: calls.append(body) or msgpack.unpackb(body))
     secret = protocol.new_secret()
     forged = protocol.encode(b"k" * 32, {"t": "run"})
     splitter = protocol.FrameSplitter(secret)
@@ -53,18 +53,29 @@ def test_body_is_not_decoded_when_the_mac_is_wrong(monkeypatch):
     assert calls == []
 
 
+def test_buffers_travel_out_of_band():
+    secret = protocol.new_secret()
+    r, w = os.pipe()
+    big = bytearray(os.urandom(13 << 20))  # over the parallel-hash threshold, split across parts
+    small = b"abc"
+    writer = protocol.FrameWriter(w, secret)
+    threading.Thread(target=lambda: (writer.send({"t": "r", "_buffers": [big, small]}), os.close(w))).start()
+    message = protocol.FrameReader(r, secret).read()
+    os.close(r)
+    assert [bytes(b) for b in message["_buffers"]] == [bytes(big), small]
+    assert "_lens" not in message
+
+
 def test_version_and_magic_are_checked():
     secret = protocol.new_secret()
     frame = bytearray(protocol.encode(secret, {"t": "x"}))
     frame[2] = protocol.VERSION + 1
     splitter = protocol.FrameSplitter(secret, "old agent")
-    splitter.feed(bytes(frame))
     with pytest.raises(protocol.ProtocolError, match="version"):
-        list(splitter.messages())
+        splitter.feed(bytes(frame))
     splitter = protocol.FrameSplitter(secret)
-    splitter.feed(b"GET / HTTP/1.1\r\n" * 4)
     with pytest.raises(protocol.ProtocolError, match="bad magic"):
-        list(splitter.messages())
+        splitter.feed(b"GET / HTTP/1.1\r\n" * 4)
 
 
 def test_frames_split_at_any_byte_boundary():

@@ -26,7 +26,6 @@ from ..protocol import (
     FrameSplitter,
     FrameWriter,
     ProtocolError,
-    decode_body,
     encode,
     read_exact,
 )
@@ -248,21 +247,31 @@ class Agent:
 
     # --- rank output -----------------------------------------------------------------------
     def on_ctrl(self, proc: RankProcess) -> None:
+        target = proc.splitter.want()
         try:
-            data = proc.ctrl.recv(1 << 20)
+            if target is not None:  # the rest of a large frame: straight into its buffer
+                n = proc.ctrl.recv_into(target)
+                data = None
+            else:
+                data = proc.ctrl.recv(1 << 20)
+                n = len(data)
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.close_fd(proc, "ctrl")
             return
-        proc.splitter.feed(data)
-        if proc.run is not None:
+        if data is None:
+            proc.splitter.filled(n)
+        else:
+            proc.splitter.feed(data)
+        frames = list(proc.splitter.frames())
+        if frames and proc.run is not None:
             # Whatever the rank printed before this frame is already in its pipes: send it first,
             # so the kernel has every line once it sees the result.
             self.drain_output(proc)
-        for frame, body, _mac in proc.splitter.frames():
+        for frame in frames:
             if not proc.greeted:
-                message = decode_body(body)
+                message = frame.decode() if frame.verify(self.secret) else {}
                 if message.get("t") == "hello":
                     proc.greeted = True
                     proc.pid = message["pid"]
@@ -270,7 +279,7 @@ class Agent:
                         proc.signal(proc.kill_pending)
                     continue
             # Rank frames are signed with the pool secret: relay them to the kernel as they are.
-            self.out.send_frame(frame)
+            self.out.send_frame(frame.header, frame.body)
 
     def drain_output(self, proc: RankProcess) -> None:
         for stream, fd in ((1, proc.out_fd), (2, proc.err_fd)):

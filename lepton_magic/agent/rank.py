@@ -62,19 +62,22 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     except BaseException as e:  # KeyboardInterrupt and SystemExit are failures of the cell too
         return _fail(writer, lepton, job, e)
 
-    outputs, skipped = ({}, {})
+    result: dict = {"t": "result", "run": run, "rank": rank}
     if rank == 0:
-        outputs, skipped = collect_outputs(namespace, job["outputs"], explicit=job["explicit_outputs"])
+        result["collect_started"] = time.time()
+        blob, buffers, names, skipped = collect_outputs(namespace, job["outputs"], job["explicit_outputs"])
+        result.update(outputs=blob, _buffers=buffers, names=names, skipped=skipped)
     lepton.close()
     _flush_std()
-    writer.send({"t": "result", "run": run, "rank": rank, "outputs": outputs, "skipped": skipped,
-                 "time": time.time()})
+    result["time"] = time.time()
+    writer.send(result)
     return 0
 
 
-def collect_outputs(namespace: dict, names: list[str], explicit: bool) -> tuple[dict, dict]:
-    """Pickle the named variables (tensors to the CPU); say why any could not come back."""
-    outputs: dict[str, bytes] = {}
+def collect_outputs(namespace: dict, names: list[str], explicit: bool):
+    """Pickle the named variables together (so shared references stay shared, as if the cell
+    ran in the notebook), tensors moved to the CPU; say why any could not come back."""
+    chosen: dict = {}
     skipped: dict[str, str] = {}
     for name in names:
         if name not in namespace:
@@ -86,11 +89,18 @@ def collect_outputs(namespace: dict, names: list[str], explicit: bool) -> tuple[
             if explicit:
                 skipped[name] = "is a module (import it in the notebook instead)"
             continue
-        try:
-            outputs[name] = values.dumps(values.unwrap(value))
-        except Exception as e:
-            skipped[name] = f"a {values.describe(value)} cannot be pickled ({type(e).__name__}: {e})"
-    return outputs, skipped
+        chosen[name] = value
+    try:
+        blob, buffers = values.dumps_oob(chosen)
+    except Exception:
+        # Find the culprits one by one, then send the rest together.
+        for name in list(chosen):
+            try:
+                values.dumps(chosen[name])
+            except Exception as e:
+                skipped[name] = f"a {values.describe(chosen.pop(name))} cannot be pickled ({type(e).__name__}: {e})"
+        blob, buffers = values.dumps_oob(chosen)
+    return blob, buffers, list(chosen), skipped
 
 
 def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, prefix: str = "") -> int:
