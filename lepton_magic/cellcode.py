@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import builtins
 import symtable
+import sys
 from dataclasses import dataclass
 
 #: Filename the cell is compiled under on the nodes; tracebacks show it.
@@ -158,6 +159,28 @@ def assigned_names(tree: ast.Module) -> list[str]:
             if not name.startswith("_") and name not in _PROVIDED:
                 out.setdefault(name)
     return list(out)
+
+
+#: Uses of the ``lepton`` object that need torch on the node.
+_TORCH_ATTRIBUTES = frozenset({"device", "init_distributed", "barrier", "restore"})
+
+
+def needs_only_stdlib(tree: ast.Module) -> bool:
+    """True when the cell imports nothing beyond the standard library and does not ask the
+    ``lepton`` object for torch things: a light rank (without torch preloaded) can run it."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            roots = [(node.module or "").split(".")[0]] if node.level == 0 else ["."]
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "lepton" and node.attr in _TORCH_ATTRIBUTES):
+            return False
+        else:
+            continue
+        if any(root not in sys.stdlib_module_names for root in roots):
+            return False
+    return True
 
 
 def parse_name_list(text: str, option: str) -> list[str]:

@@ -48,7 +48,7 @@ class LiveRun:
     def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
                  inputs: dict[str, bytes], outputs: list[str], explicit_outputs: bool,
                  nodes: list[NodeLink], gpus: int | None, timeout: float | None, env: dict[str, str],
-                 on_done: list[Callable[["LiveRun"], None]]):
+                 on_done: list[Callable[["LiveRun"], None]], preload: bool = True):
         self.store = store
         self.pool = pool
         self.seq = seq
@@ -64,6 +64,7 @@ class LiveRun:
         self.timeout = timeout
         self.env = env
         self.on_done = on_done
+        self.preload = preload
         self.status = "queued"
         self.done = threading.Event()
         self.outputs: dict = {}
@@ -99,24 +100,31 @@ class LiveRun:
         self.world_size = offset
         master_addr = self.pool.backend.master_addr(self.nodes[0])
         master_port = free_port() if master_addr in ("127.0.0.1", "localhost") else 29500 + self.seq % 10000
+        writes = []
         for node_rank, link, first, local in plan:
             ranks = list(range(first, first + local))
             for r in ranks:
                 self._rank_node[r] = link.name
-            self.store.add_run_node(self.seq, link.name, link.host, ranks, min(local, link.gpu_count),
-                                    link.gpu_name)
-        self._set_status("starting", started=time.time(), world_size=self.world_size)
+            writes.append(self.store.run_node_insert(self.seq, link.name, link.host, ranks,
+                                                     min(local, link.gpu_count), link.gpu_name))
         self.started_at = time.time()
         self.pool.attach_run(self)
-        for node_rank, link, first, local in plan:
-            link.send({
-                "t": "run", "run": self.id, "code": self.code, "line_offset": self.line_offset,
-                "inputs": self.inputs, "outputs": self.output_names,
-                "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
-                "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
-                "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
-                "env": self.env, "checkpoint": self.checkpoint_blob,
-            })
+        # Dispatch first, record after: the nodes start while the store is written. Events that
+        # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
+        with self._lock:
+            for node_rank, link, first, local in plan:
+                link.send({
+                    "t": "run", "run": self.id, "code": self.code, "line_offset": self.line_offset,
+                    "inputs": self.inputs, "outputs": self.output_names,
+                    "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
+                    "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
+                    "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
+                    "env": self.env, "checkpoint": self.checkpoint_blob, "preload": self.preload,
+                })
+            self.status = "starting"
+            writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
+                                                world_size=self.world_size))
+            self.store.write(writes)
         if self.timeout:
             self._timer(self.timeout, lambda: self.cancel(
                 reason=f"timed out after {_seconds(self.timeout)}", failure=True))
@@ -135,9 +143,11 @@ class LiveRun:
                 first = not self._started
                 self._started.add(rank)
                 self.rank_pids[rank] = message["pid"]
-            if first and self.status == "starting":
-                self._set_status("running")
-            self.store.set_run_node_status(self.seq, link.name, "running")
+                writes = [self.store.run_node_status(self.seq, link.name, "running")]
+                if first and self.status == "starting":
+                    self.status = "running"
+                    writes.append(self.store.run_update(self.seq, status="running"))
+                self.store.write(writes)
         elif kind == "result":
             with self._lock:
                 self._answered.add(rank)
@@ -257,16 +267,15 @@ class LiveRun:
             self.status = status
             self.ended_at = time.time()
         node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
-        self.store.write([(
-            "UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
-            (node_status, self.seq),
-        )])
-        self.store.update_run(
-            self.seq, status=status, ended=self.ended_at,
-            outputs=sorted(self.outputs),
-            error=_error_record(self.error),
-            reason=self._cancel_reason,
-        )
+        writes = [
+            ("UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
+             (node_status, self.seq)),
+            self.store.run_update(self.seq, status=status, ended=self.ended_at, outputs=sorted(self.outputs),
+                                  error=_error_record(self.error), reason=self._cancel_reason),
+        ]
+        if self.transfer is not None:
+            writes.append(self.store.event_insert("outputs", self.transfer, run=self.seq))
+        self.store.write(writes)
         self.pool.release(self)
         for callback in self.on_done:
             try:
@@ -292,7 +301,6 @@ class LiveRun:
         size = len(result.get("outputs") or b"") + sum(b.nbytes for b in result.get("_buffers") or [])
         seconds = time.time() - result["collect_started"] if result.get("collect_started") else None
         self.transfer = {"bytes": size, "seconds": seconds, "names": sorted(self.outputs)}
-        self.store.add_event("outputs", self.transfer, run=self.seq)
 
     def _persist_outputs(self, result: dict) -> None:
         """Keep the pickled outputs beside the store, so a later process can read run.outputs."""
@@ -312,10 +320,6 @@ class LiveRun:
             log.exception("could not save the outputs of %s", self.id)
 
     # --- helpers ---------------------------------------------------------------------------
-    def _set_status(self, status: str, **fields) -> None:
-        self.status = status
-        self.store.update_run(self.seq, status=status, **fields)
-
     def _timer(self, seconds: float, action: Callable[[], None]) -> None:
         timer = threading.Timer(seconds, action)
         timer.daemon = True

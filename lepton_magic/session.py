@@ -112,16 +112,19 @@ class Session:
                     f"cannot send {n!r} (a {values.describe(namespace[n])}) to the nodes: {type(e).__name__}: "
                     f"{e}. Create it inside the cell, or list what to send with --in"
                 ) from None
+        # A cell of plain Python over plain values runs in a light rank: no torch to fork.
+        light = cellcode.needs_only_stdlib(tree) and all(
+            type(namespace[n]) in _PLAIN_TYPES for n in input_names
+        )
         explicit = outputs is not None
         output_names = outputs if explicit else cellcode.assigned_names(tree)
 
         pool = self.up(backend, nodes)
         run_id = f"r-{secrets.token_hex(4)}"
-        seq = self.store.add_run(
+        seq, name = self.store.add_run(
             run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,
             inputs=sorted(shipped), timeout=timeout, env=env or {},
         )
-        row = self.store.run_row(seq)
         callbacks: list[Callable[[LiveRun], None]] = []
         if bind:
             callbacks.append(lambda live: namespace.update(live.outputs))
@@ -133,9 +136,10 @@ class Session:
             self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
             raise
         live = LiveRun(
-            store=self.store, pool=pool, seq=seq, run_id=run_id, name=row["name"], code=code,
+            store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, code=code,
             line_offset=line_offset, inputs=shipped, outputs=output_names, explicit_outputs=explicit,
             nodes=links, gpus=gpus, timeout=timeout, env=env or {}, on_done=callbacks,
+            preload=not light,
         )
         with self._lock:
             self.live[run_id] = live
@@ -192,6 +196,8 @@ class Session:
             f"mem_used, last_seen FROM nodes WHERE pool IN ({marks}) ORDER BY node", ids
         )
 
+
+_PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset})
 
 _default: Session | None = None
 _default_lock = threading.Lock()

@@ -137,7 +137,8 @@ class Store:
         )])
 
     # --- runs ------------------------------------------------------------------------------
-    def add_run(self, run_id: str, name: str | None, **fields: Any) -> int:
+    def add_run(self, run_id: str, name: str | None, **fields: Any) -> tuple[int, str]:
+        """Record a queued run; returns its sequence number and name (run-N by default)."""
         fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -149,17 +150,28 @@ class Store:
                     (run_id, name or "", time.time(), os.getpid(), _host(), *fields.values()),
                 ).lastrowid
                 if not name:
-                    self._db.execute("UPDATE runs SET name=? WHERE seq=?", (f"run-{seq}", seq))
+                    name = f"run-{seq}"
+                    self._db.execute("UPDATE runs SET name=? WHERE seq=?", (name, seq))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return seq
+        return seq, name
 
     def update_run(self, seq: int, **fields: Any) -> None:
+        self.write([self.run_update(seq, **fields)])
+
+    @staticmethod
+    def run_update(seq: int, **fields: Any) -> tuple[str, tuple]:
+        """The statement that sets ``fields`` of one run, for ``write`` to batch with others."""
         fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         sets = ", ".join(f"{k}=?" for k in fields)
-        self.write([(f"UPDATE runs SET {sets} WHERE seq=?", (*fields.values(), seq))])
+        return f"UPDATE runs SET {sets} WHERE seq=?", (*fields.values(), seq)
+
+    @staticmethod
+    def event_insert(kind: str, data: dict | None, run: int | None = None, pool: str | None = None):
+        return ("INSERT INTO events (run, pool, time, kind, data) VALUES (?, ?, ?, ?, ?)",
+                (run, pool, time.time(), kind, json.dumps(data) if data is not None else None))
 
     def run_row(self, key: str | int) -> dict | None:
         if isinstance(key, int):
@@ -169,15 +181,17 @@ class Store:
                 self.query("SELECT * FROM runs WHERE name=? ORDER BY seq DESC LIMIT 1", (key,))
         return rows[0] if rows else None
 
-    def add_run_node(self, seq: int, node: str, host: str, ranks: list[int], gpus: int, gpu_name: str | None) -> None:
-        self.write([(
-            "INSERT OR REPLACE INTO run_nodes (run, node, host, ranks, gpus, gpu_name, status)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'starting')",
-            (seq, node, host, json.dumps(ranks), gpus, gpu_name),
-        )])
+    @staticmethod
+    def run_node_insert(seq: int, node: str, host: str, ranks: list[int], gpus: int, gpu_name: str | None):
+        return ("INSERT OR REPLACE INTO run_nodes (run, node, host, ranks, gpus, gpu_name, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'starting')", (seq, node, host, json.dumps(ranks), gpus, gpu_name))
+
+    @staticmethod
+    def run_node_status(seq: int, node: str, status: str):
+        return "UPDATE run_nodes SET status=? WHERE run=? AND node=?", (status, seq, node)
 
     def set_run_node_status(self, seq: int, node: str, status: str) -> None:
-        self.write([("UPDATE run_nodes SET status=? WHERE run=? AND node=?", (status, seq, node))])
+        self.write([self.run_node_status(seq, node, status)])
 
     # --- streams ---------------------------------------------------------------------------
     def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:
@@ -197,10 +211,7 @@ class Store:
             self._db.execute("COMMIT")
 
     def add_event(self, kind: str, data: dict | None = None, run: int | None = None, pool: str | None = None) -> None:
-        self.write([(
-            "INSERT INTO events (run, pool, time, kind, data) VALUES (?, ?, ?, ?, ?)",
-            (run, pool, time.time(), kind, json.dumps(data) if data is not None else None),
-        )])
+        self.write([self.event_insert(kind, data, run, pool)])
 
     def logs_since(self, seq: int, after_id: int = 0, rank: int | None = None) -> list[tuple]:
         sql = "SELECT id, rank, stream, line FROM logs WHERE run=? AND id>?"

@@ -30,6 +30,7 @@ from ..protocol import (
     read_exact,
 )
 from . import facts, zygote
+from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
 from .forking import fork_standby
 
 HEARTBEAT_SECONDS = 2.0
@@ -78,9 +79,11 @@ class Agent:
         self.inbox = FrameSplitter(secret, "kernel")
         self.sel = selectors.DefaultSelector()
         self.ranks: list[RankProcess] = []
-        self.want_standbys = 2
-        self.zygote_sock: socket.socket | None = None
-        self.zygote_ready = False
+        self.want = {False: 1, True: 2}  # standbys to keep, light and preloaded
+        # Two zygotes fork the standbys, so forking never holds up this loop: a light one (a bare
+        # interpreter) and a preloaded one (torch and friends imported). Keyed by "preloaded".
+        self.zygotes: dict[bool, socket.socket] = {}
+        self.zygote_ready = {False: False, True: False}
         self.logs: dict[tuple[str, int, str], list[str]] = {}
         self.next_heartbeat = 0.0
         self.running = True
@@ -91,9 +94,12 @@ class Agent:
         info.update({"t": "node", "protocol": VERSION, "agent_version": __version__})
         self.out.send(info)
         self.sel.register(self.kernel_in, selectors.EVENT_READ, ("kernel", None))
-        if self.preload:
-            _pid, self.zygote_sock = zygote.start(self.secret, self.preload)
-            self.sel.register(self.zygote_sock, selectors.EVENT_READ, ("zygote", None))
+        for preloaded, modules in ((False, []), (True, self.preload)):
+            if preloaded and not modules:
+                continue
+            _pid, sock = zygote.start(self.secret, modules)
+            self.zygotes[preloaded] = sock
+            self.sel.register(sock, selectors.EVENT_READ, ("zygote", preloaded))
         self.replenish()
         try:
             while self.running:
@@ -111,7 +117,7 @@ class Agent:
                 if kind == "kernel":
                     self.on_kernel()
                 elif kind == "zygote":
-                    self.on_zygote()
+                    self.on_zygote(rank)
                 elif kind == "ctrl":
                     if rank.ctrl is not None:
                         self.on_ctrl(rank)
@@ -139,8 +145,8 @@ class Agent:
     def shutdown(self) -> None:
         for r in self.ranks:
             r.signal(signal.SIGKILL)
-        if self.zygote_sock is not None:
-            self.zygote_sock.close()
+        for sock in self.zygotes.values():
+            sock.close()
 
     # --- the kernel ------------------------------------------------------------------------
     def on_kernel(self) -> None:
@@ -168,15 +174,17 @@ class Agent:
 
     def start_run(self, job: dict) -> None:
         local = job["local_world_size"]
-        # Two per rank slot: the next run then takes a standby that finished starting long ago,
-        # not the one being forked right now.
-        self.want_standbys = max(self.want_standbys, 2 * local)
+        preloaded = bool(job.get("preload", True))
+        # Two per rank slot and kind: the next run then takes a standby that finished starting
+        # long ago, not the one being forked right now.
+        self.want[preloaded] = max(self.want[preloaded], 2 * local)
         for local_rank in range(local):
-            proc = self.take_standby()
+            proc = self.take_standby(preloaded)
             proc.run = job["run"]
             proc.rank = job["rank_offset"] + local_rank
             proc.ctrl.sendall(encode(self.secret, dict(job, t="job", local_rank=local_rank)))
-        self.replenish()
+        # New standbys are forked once these ranks end (see reap): forking now would compete
+        # with the run for the CPU.
 
     def cancel(self, run: str) -> None:
         for r in self.ranks:
@@ -186,28 +194,38 @@ class Agent:
                 r.kill_at = time.monotonic() + KILL_GRACE_SECONDS
 
     # --- standbys --------------------------------------------------------------------------
-    def idle(self) -> list[RankProcess]:
-        return [r for r in self.ranks if r.run is None and r.open == 3]
+    def idle(self, preloaded: bool | None = None) -> list[RankProcess]:
+        return [r for r in self.ranks if r.run is None and r.open == 3
+                and (preloaded is None or r.preloaded == preloaded)]
 
-    def take_standby(self) -> RankProcess:
-        idle = sorted(self.idle(), key=lambda r: (not r.greeted, not r.preloaded))
-        return idle[0] if idle else self.new_standby()
+    def take_standby(self, preloaded: bool) -> RankProcess:
+        """An idle standby of the kind asked for: ``preloaded`` ones were forked from the zygote
+        (torch and friends imported), light ones from this agent (for cells that need neither)."""
+        idle = self.idle(preloaded)
+        if not idle and preloaded and not self.zygote_ready[True]:
+            idle = self.idle(False)  # the zygote is still importing: a light one will import itself
+        idle.sort(key=lambda r: not r.greeted)
+        return idle[0] if idle else self.new_standby(preloaded)
 
     def replenish(self) -> None:
-        while len(self.idle()) < self.want_standbys:
-            self.new_standby()
+        for preloaded in (False, True):
+            if preloaded and not self.zygote_ready[True]:
+                continue
+            while len(self.idle(preloaded)) < self.want[preloaded]:
+                self.new_standby(preloaded)
 
-    def new_standby(self) -> RankProcess:
+    def new_standby(self, preloaded: bool) -> RankProcess:
         ctrl, child_ctrl = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         os.set_blocking(out_r, False)
         os.set_blocking(err_r, False)
         proc = RankProcess(ctrl, out_r, err_r, self.secret)
-        if self.zygote_ready and self.zygote_sock is not None:
-            socket.send_fds(self.zygote_sock, [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
-            proc.preloaded = True
-        else:
+        ready = [k for k in (preloaded, False) if self.zygote_ready[k]]
+        if ready:
+            socket.send_fds(self.zygotes[ready[0]], [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
+            proc.preloaded = ready[0]
+        else:  # no zygote yet: fork here
             proc.pid = fork_standby(self.secret, child_ctrl.fileno(), out_w, err_w, preloaded=False)
         child_ctrl.close()
         os.close(out_w)
@@ -218,32 +236,24 @@ class Agent:
         self.ranks.append(proc)
         return proc
 
-    def on_zygote(self) -> None:
-        assert self.zygote_sock is not None
+    def on_zygote(self, preloaded: bool) -> None:
+        sock = self.zygotes[preloaded]
         try:
-            message = self.zygote_sock.recv(1 << 16)
+            message = sock.recv(1 << 16)
         except OSError:
             message = b""
         if not message:
-            self.sel.unregister(self.zygote_sock)
-            self.zygote_sock.close()
-            self.zygote_sock = None
-            self.zygote_ready = False
+            self.sel.unregister(sock)
+            sock.close()
+            del self.zygotes[preloaded]
+            self.zygote_ready[preloaded] = False
             return
         if message[:1] == zygote.READY:
-            info = msgpack.unpackb(message[1:])
-            self.zygote_ready = True
-            self.out.send({"t": "node_update", "node": self.node, **info})
-            # Swap the bare standbys for ones that already hold torch.
-            for proc in self.idle():
-                if not proc.preloaded:
-                    self.retire(proc)
+            self.zygote_ready[preloaded] = True
+            if preloaded:
+                info = msgpack.unpackb(message[1:])
+                self.out.send({"t": "node_update", "node": self.node, **info})
             self.replenish()
-
-    def retire(self, proc: RankProcess) -> None:
-        """Close an idle standby's control socket; it exits on EOF."""
-        proc.run = "-retired-"
-        self.close_fd(proc, "ctrl")
 
     # --- rank output -----------------------------------------------------------------------
     def on_ctrl(self, proc: RankProcess) -> None:
@@ -338,7 +348,7 @@ class Agent:
         """Report ranks whose every descriptor is closed: the process has ended."""
         for proc in [r for r in self.ranks if r.open == 0]:
             self.ranks.remove(proc)
-            if proc.run and proc.run != "-retired-":
+            if proc.run:
                 self.flush_logs()
                 self.out.send({"t": "exit", "run": proc.run, "rank": proc.rank, "pid": proc.pid,
                                "killed": proc.killed, "time": time.time()})

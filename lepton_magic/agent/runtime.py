@@ -46,8 +46,7 @@ class Lepton:
         self._next_step = 0
         self._flush_lock = threading.Lock()
         self._closed = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
-        self._flusher.start()
+        self._flusher: threading.Thread | None = None  # started by the first log call
 
     def __repr__(self) -> str:
         return (
@@ -70,6 +69,9 @@ class Lepton:
         points.append((step, _now(), metrics))
         if len(points) >= BATCH_POINTS:
             self.flush()
+        elif self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
+            self._flusher.start()
 
     def flush(self, lock_timeout: float = -1) -> None:
         """Send the points logged so far. A signal handler passes a timeout: the interrupted
