@@ -56,20 +56,21 @@ class TextProgress:
         return " · ".join(parts)
 
     def summary_text(self) -> str:
-        run = self.run
-        status = run.status
-        duration = run.duration
+        run, live = self.run, self.run._live
+        if live is not None and live.done.is_set():  # in memory already: no store round trips
+            status, world, nodes = live.status, live.world_size, len(live.nodes)
+            duration = (live.ended_at or time.time()) - live.started_at if live.started_at else None
+        else:
+            status, world, nodes, duration = run.status, run.world_size, len(run.nodes), run.duration
         took = f"{duration:.3g} s" if duration is not None else "-"
-        nodes = run.nodes
-        text = (f"{MARKS.get(status, '·')} {run.name} {status} in {took} on {len(nodes)} "
-                f"node{'s' if len(nodes) != 1 else ''} (world size {run.world_size})")
+        text = (f"{MARKS.get(status, '·')} {run.name} {status} in {took} on {nodes} "
+                f"node{'s' if nodes != 1 else ''} (world size {world})")
         if status == "succeeded":
             bound = sorted(run.outputs)
             if bound:
                 text += " · bound: " + ", ".join(bound)
         for name, why in sorted(run.skipped.items()):
             text += f"\n  ! {name} was not returned: {why}"
-        live = run._live
         for note in (live.notes if live is not None else []):
             text += f"\n  · {note}"
         return text
