@@ -169,7 +169,8 @@ class LeptonMagics(Magics):
 
     def _follow(self, run: Run):
         """Show progress until the run ends; Ctrl-C cancels it."""
-        progress = TextProgress(run, status_line=self.session.config["progress"])
+        progress = TextProgress(run, status_line=self.session.config["progress"],
+                                notebook=type(self.shell).__name__ == "ZMQInteractiveShell")
         try:
             while not run._live.wait(0.1):
                 progress.tick()
