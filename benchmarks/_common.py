@@ -27,11 +27,13 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def timed(fn, repeat: int, warmup: int = 3) -> list[float]:
+def timed(fn, repeat: int, warmup: int = 3, pause: float = 0.0) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeat):
+        if pause:
+            time.sleep(pause)
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)

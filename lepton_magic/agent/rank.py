@@ -47,7 +47,6 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         attempt=job.get("attempt", 0),
     )
     signal.signal(signal.SIGTERM, lambda *_: _terminate(lepton))
-    writer.send({"t": "started", "run": run, "rank": rank, "pid": os.getpid(), "time": time.time()})
     namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
     for name, blob in job["inputs"].items():
         try:
