@@ -229,3 +229,18 @@ def test_large_dataframe_output(ip, run_cell):
     frame = ip.user_ns["frame"]
     assert frame.shape == (300_000, 2) and int(frame["a"].sum()) == 299_999 * 300_000 // 2
     frame.loc[0, "b"] = 5.0  # arrays rebuilt from received buffers are writable
+
+
+def test_checkpoint_reaches_the_kernel(ip, run_cell):
+    result, out = run_cell(
+        "%%lepton --nodes 2\n"
+        "first = lepton.restore()\n"
+        "lepton.checkpoint({'step': 3, 'rank': lepton.rank})\n"
+        "again = lepton.restore()\n"
+    )
+    assert result.success, out
+    assert ip.user_ns["first"] is None  # a first attempt has nothing to restore
+    assert ip.user_ns["again"] == {"step": 3, "rank": 0}
+    from lepton_magic import values
+
+    assert values.loads(lm.last_run()._live.checkpoint_blob) == {"step": 3, "rank": 0}  # rank 0's
