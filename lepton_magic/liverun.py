@@ -15,7 +15,7 @@ from typing import Callable
 
 import msgpack
 
-from . import values
+from . import sharedmem, values
 from .backends import NodeLink
 from .errors import LeptonError, RemoteError
 from .store import Store
@@ -120,6 +120,7 @@ class LiveRun:
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
                     "env": self.env, "checkpoint": self.checkpoint_blob, "preload": self.preload,
+                "shm_dir": self.pool.backend.shared_memory_dir(),
                 })
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
@@ -264,6 +265,8 @@ class LiveRun:
             if status == "succeeded":
                 self._load_outputs(self._result)
                 self._record_transfer(self._result)
+            elif self._result is not None:
+                sharedmem.discard(self._result.get("shm"))
             self.status = status
             self.ended_at = time.time()
         node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
@@ -291,6 +294,8 @@ class LiveRun:
         if result.get("outputs") is None:
             return
         try:
+            if result.get("shm"):
+                result["_buffers"] = sharedmem.map_buffers(result.pop("shm"))
             self.outputs.update(values.loads(result["outputs"], result.get("_buffers")))
         except Exception as e:
             for name in result.get("names") or []:
@@ -298,7 +303,7 @@ class LiveRun:
 
     def _record_transfer(self, result: dict) -> None:
         """How many bytes came back and how long from rank 0 starting to pickle to bound here."""
-        size = len(result.get("outputs") or b"") + sum(b.nbytes for b in result.get("_buffers") or [])
+        size = len(result.get("outputs") or b"") + sum(memoryview(b).nbytes for b in result.get("_buffers") or [])
         seconds = time.time() - result["collect_started"] if result.get("collect_started") else None
         self.transfer = {"bytes": size, "seconds": seconds, "names": sorted(self.outputs)}
 

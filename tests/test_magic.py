@@ -219,7 +219,15 @@ def test_outputs_keep_shared_references(ip, run_cell):
     assert opt.param_groups[0]["params"][0] is net.weight  # opt.step() in the notebook moves net
 
 
-def test_large_dataframe_output(ip, run_cell):
+@pytest.mark.parametrize("through", ["shared memory", "the pipe"])
+def test_large_dataframe_output(ip, run_cell, monkeypatch, through):
+    import os
+
+    from lepton_magic import sharedmem
+    from lepton_magic.backends.local import LocalBackend
+
+    if through == "the pipe":
+        monkeypatch.setattr(LocalBackend, "shared_memory_dir", lambda self: None)
     result, out = run_cell(
         "%%lepton --out frame\n"
         "import numpy as np, pandas as pd\n"
@@ -229,6 +237,9 @@ def test_large_dataframe_output(ip, run_cell):
     frame = ip.user_ns["frame"]
     assert frame.shape == (300_000, 2) and int(frame["a"].sum()) == 299_999 * 300_000 // 2
     frame.loc[0, "b"] = 5.0  # arrays rebuilt from received buffers are writable
+    transfer = lm.last_run()._live.transfer
+    assert transfer["bytes"] > 4_000_000 and transfer["seconds"] > 0
+    assert not os.listdir(sharedmem.default_dir())  # nothing left behind in /dev/shm
 
 
 def test_checkpoint_reaches_the_kernel(ip, run_cell):

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-from .. import values
+from .. import sharedmem, values
 from ..cellcode import CELL_FILENAME, padded_source
 from ..protocol import FrameReader, FrameWriter
 from .forking import CTRL_FD
@@ -65,7 +65,11 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     if rank == 0:
         result["collect_started"] = time.time()
         blob, buffers, names, skipped = collect_outputs(namespace, job["outputs"], job["explicit_outputs"])
-        result.update(outputs=blob, _buffers=buffers, names=names, skipped=skipped)
+        result.update(outputs=blob, names=names, skipped=skipped)
+        if job.get("shm_dir") and sum(b.nbytes for b in buffers) >= sharedmem.SHM_MIN_BYTES:
+            result["shm"] = sharedmem.write_buffers(job["shm_dir"], run, buffers)
+        else:
+            result["_buffers"] = buffers
     lepton.close()
     _flush_std()
     result["time"] = time.time()

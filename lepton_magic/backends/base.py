@@ -94,6 +94,11 @@ class Backend(ABC):
     def master_addr(self, link: NodeLink) -> str:
         """The address other nodes use to reach rank 0 on ``link``."""
 
+    def shared_memory_dir(self) -> str | None:
+        """Where ranks may leave large results for the kernel to map, when they share its
+        machine; None (the default) sends them through the pipe."""
+        return None
+
     @abstractmethod
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
         """Ask the agent to exit; make sure it and its ranks are gone."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from .. import sharedmem
 from .base import Backend, NodeLink, OnLost, OnMessage
 
 
@@ -27,6 +28,7 @@ class LocalBackend(Backend):
     def __init__(self, settings: dict):
         super().__init__(settings)
         self._procs: dict[str, subprocess.Popen] = {}
+        self._shm: str | None = None
 
     def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
                     log_dir: str) -> list[NodeLink]:
@@ -52,6 +54,11 @@ class LocalBackend(Backend):
 
     def master_addr(self, link: NodeLink) -> str:
         return "127.0.0.1"
+
+    def shared_memory_dir(self) -> str | None:
+        if self._shm is None:
+            self._shm = sharedmem.default_dir() or ""
+        return self._shm or None
 
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
         proc = self._procs.pop(link.name, None)
