@@ -44,7 +44,14 @@ def runs():
 def load_ipython_extension(ipython) -> None:
     from .magics import LeptonMagics
 
-    ipython.register_magics(LeptonMagics(ipython, default_session()))
+    try:
+        session_ = default_session()
+    except LeptonError as e:
+        print(f"lepton_magic: {e}; using the default settings")
+        session_ = default_session(defaults=True)
+    ipython.register_magics(LeptonMagics(ipython, session_))
+    # Outputs of --async runs are bound before the next cell, never in the middle of one.
+    ipython.events.register("pre_run_cell", lambda *args: session_.bind_pending())
 
 
 def unload_ipython_extension(ipython) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import LeptonError
+
 BACKENDS = ("local",)
 PLANNED_BACKENDS = ("ssh", "ec2", "ray")
 
@@ -60,6 +62,10 @@ def _parse_bool(text: Any) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+class ConfigError(LeptonError, ValueError):
+    """A setting in the config file or the environment is not valid."""
+
+
 @dataclass(frozen=True)
 class Setting:
     default: Any
@@ -93,21 +99,33 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
+    def defaults(cls) -> "Config":
+        return cls({k: s.default for k, s in SETTINGS.items()}, {k: "default" for k in SETTINGS})
+
+    @classmethod
     def load(cls) -> "Config":
-        config = cls({k: s.default for k, s in SETTINGS.items()}, {k: "default" for k in SETTINGS})
+        """Defaults, then the file, then the environment. A bad value raises a ValueError (a
+        LeptonError) that names where it came from."""
+        config = cls.defaults()
         path = config_file()
         if path.exists():
             try:
                 data = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path} is not valid TOML: {e}") from None
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
             for key, value in data.items():
-                config.set(key, value, source=str(path))
+                config._set_from(key, value, str(path))
         for key in SETTINGS:
             env = os.environ.get("LEPTON_" + key.upper())
             if env is not None:
-                config.set(key, env, source="LEPTON_" + key.upper())
+                config._set_from(key, env, "LEPTON_" + key.upper())
         return config
+
+    def _set_from(self, key: str, value: Any, source: str) -> None:
+        try:
+            self.set(key, value, source=source)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def set(self, key: str, value: Any, source: str = "%lepton config") -> None:
         name = key.strip().replace("-", "_")

@@ -76,6 +76,7 @@ class LiveRun:
         self.ended_at: float | None = None
         self.checkpoint_blob: bytes | None = None
         self.transfer: dict | None = None
+        self._finishing = False
         self.rank_pids: dict[int, int] = {}
         self._rank_node: dict[int, str] = {}
         self._started: set[int] = set()
@@ -98,6 +99,9 @@ class LiveRun:
             plan.append((node_rank, link, offset, local))
             offset += local
         self.world_size = offset
+        per_host: dict[str, int] = {}
+        for _node_rank, link, _first, local in plan:
+            per_host[link.host] = per_host.get(link.host, 0) + local
         master_addr = self.pool.backend.master_addr(self.nodes[0])
         master_port = free_port() if master_addr in ("127.0.0.1", "localhost") else 29500 + self.seq % 10000
         writes = []
@@ -121,11 +125,14 @@ class LiveRun:
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
                     "env": self.env, "checkpoint": self.checkpoint_blob, "preload": self.preload,
                 "shm_dir": self.pool.backend.shared_memory_dir(),
+                # torchrun's rule, made to fit nodes that share a machine: cores / ranks there
+                "threads": max(1, int(link.facts.get("cpus") or 1) // per_host[link.host]),
                 })
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
                                                 world_size=self.world_size))
             self.store.write(writes)
+        self.inputs = None  # sent: do not keep a copy of every input of every run
         if self.timeout:
             self._timer(self.timeout, lambda: self.cancel(
                 reason=f"timed out after {_seconds(self.timeout)}", failure=True))
@@ -178,22 +185,18 @@ class LiveRun:
     def _on_exit(self, link: NodeLink, rank: int, killed: str | None) -> None:
         with self._lock:
             self._exited.add(rank)
-            if rank not in self._answered and self._cancel_reason is None and self.error is None:
+            crashed = rank not in self._answered and self._cancel_reason is None and self.error is None
+            if crashed:
                 how = f"was killed ({killed})" if killed else "ended without a result (it crashed or was killed)"
                 self.error = LeptonError(f"rank {rank} on {link.name} {how}; see run.logs(rank={rank})")
-                self._cancel_reason = f"rank {rank} ended unexpectedly"
-                self._cancel_is_failure = True
-                others = True
-            else:
-                others = False
             node_done = all(r in self._exited for r, n in self._rank_node.items() if n == link.name)
             finished = len(self._exited) >= self.world_size
-        if node_done:
+        if node_done and not self.done.is_set():
             self.store.set_run_node_status(self.seq, link.name, "done")
-        if others and not finished:
-            self._send_cancel()
         if finished:
             self._finish()
+        elif crashed:  # the others would wait for it in their next collective
+            self.cancel(reason=f"rank {rank} ended unexpectedly", failure=True)
 
     def _finish_if_answered(self) -> None:
         # Every rank has sent its result or error: the run is over. Their processes exit on
@@ -246,11 +249,24 @@ class LiveRun:
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
+    def abort(self, error: BaseException) -> None:
+        """Dispatch itself failed (a bad placement, an interrupt half-way): end the run now."""
+        interrupted = isinstance(error, KeyboardInterrupt)
+        with self._lock:
+            if self.error is None and not interrupted:
+                self.error = error if isinstance(error, LeptonError) else LeptonError(
+                    f"could not start {self.name}: {type(error).__name__}: {error}")
+            self._cancel_reason = "interrupted while starting" if interrupted else "could not start"
+            self._cancel_is_failure = not interrupted
+        self._send_cancel()
+        self._finish()
+
     # --- the end ---------------------------------------------------------------------------
     def _finish(self) -> None:
         with self._lock:
-            if self.done.is_set() or self.status in ("succeeded", "failed", "cancelled"):
+            if self._finishing:
                 return
+            self._finishing = True
             for t in self._timers:
                 t.cancel()
             if self.error is None and self._cancel_reason is not None:
@@ -262,32 +278,42 @@ class LiveRun:
             if status == "succeeded" and self._result is None:
                 status = "failed"
                 self.error = LeptonError("rank 0 finished without sending its result")
+        try:
             if status == "succeeded":
                 self._load_outputs(self._result)
                 self._record_transfer(self._result)
+                if self.outputs:
+                    # Not a daemon: an exiting interpreter waits for the file to be complete.
+                    threading.Thread(target=self._persist_outputs, args=(self._result,),
+                                     name="lepton-outputs").start()
             elif self._result is not None:
                 sharedmem.discard(self._result.get("shm"))
-            self.status = status
+            self._result = None
             self.ended_at = time.time()
-        node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
-        writes = [
-            ("UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
-             (node_status, self.seq)),
-            self.store.run_update(self.seq, status=status, ended=self.ended_at, outputs=sorted(self.outputs),
-                                  error=_error_record(self.error), reason=self._cancel_reason),
-        ]
-        if self.transfer is not None:
-            writes.append(self.store.event_insert("outputs", self.transfer, run=self.seq))
-        self.store.write(writes)
-        self.pool.release(self)
-        for callback in self.on_done:
-            try:
-                callback(self)
-            except Exception:
-                log.exception("a run-end callback failed")
-        self.done.set()
-        if self.outputs:
-            threading.Thread(target=self._persist_outputs, args=(self._result,), daemon=True).start()
+            # Whoever sees the end (status, done, the store) finds the outputs already there.
+            self.status = status
+            for callback in self.on_done:
+                try:
+                    callback(self)
+                except Exception:
+                    log.exception("a run-end callback failed")
+            node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
+            writes = [
+                ("UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
+                 (node_status, self.seq)),
+                self.store.run_update(self.seq, status=status, ended=self.ended_at,
+                                      outputs=sorted(self.outputs), error=_error_record(self.error),
+                                      reason=self._cancel_reason),
+            ]
+            if self.transfer is not None:
+                writes.append(self.store.event_insert("outputs", self.transfer, run=self.seq))
+            self.store.write(writes)
+        except Exception:
+            log.exception("recording the end of %s failed", self.name)
+        finally:
+            self.status = status
+            self.pool.release(self)
+            self.done.set()
 
     def _load_outputs(self, result: dict) -> None:
         self.skipped.update(result.get("skipped") or {})

@@ -168,19 +168,20 @@ class LeptonMagics(Magics):
         return self._follow(run)
 
     def _follow(self, run: Run):
-        """Show progress until the run ends; Ctrl-C cancels it."""
+        """Show progress until the run ends; Ctrl-C (or anything else that stops us) cancels it."""
         progress = TextProgress(run, status_line=self.session.config["progress"],
                                 notebook=type(self.shell).__name__ == "ZMQInteractiveShell")
         try:
             while not run._live.wait(0.1):
                 progress.tick()
-        except KeyboardInterrupt:
+        except BaseException:
             run.cancel()
             print(f"\ncancelling {run.name} …", flush=True)
             run._live.wait(10)
             progress.finish()
             raise
         progress.finish()
+        self.session.bind_pending()
         if run.status == "failed" and run.error is not None:
             raise run.error
         return None

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import backends
+from . import backends, sharedmem
 from .backends import NodeLink
 from .errors import LeptonError
 from .protocol import new_secret
@@ -50,6 +50,12 @@ class Pool:
 
     def grow(self, count: int) -> list[NodeLink]:
         """Start ``count`` more nodes and wait until each has reported in."""
+        cap = self.settings.get("max_nodes")
+        if cap and len(self.live_nodes) + count > cap:
+            raise LeptonError(
+                f"the pool may hold at most {cap} nodes (%lepton up --max {cap}); "
+                f"{len(self.live_nodes) + count} would be needed"
+            )
         with self._lock:
             taken = {n.name for n in self.nodes}
             names, i = [], 0
@@ -124,6 +130,8 @@ class Pool:
             run = self.runs.get(run_id)
             if run is not None:
                 run.on_message(link, message)
+            elif message.get("shm"):  # a result that came after its run ended: free its memory
+                sharedmem.discard(message["shm"])
             return
         if kind == "heartbeat":
             self.store.upsert_node(
@@ -138,6 +146,8 @@ class Pool:
         if self.closed:
             return
         log.warning("node %s lost: %s", link.name, reason)
+        if link.broken:  # alive but its input stream is corrupt: stop it
+            threading.Thread(target=self.backend.stop_node, args=(link,), daemon=True).start()
         self.store.upsert_node(self.id, link.name, status="lost", last_seen=time.time())
         self.store.add_event("node_lost", {"node": link.name, "reason": reason}, pool=self.id)
         with self._lock:

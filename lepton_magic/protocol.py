@@ -89,6 +89,8 @@ def _sha256(slices: list[memoryview]) -> bytes:
 
 
 _pool = None
+# A forked child inherits the executor but none of its threads: it must make its own.
+os.register_at_fork(after_in_child=lambda: globals().update(_pool=None))
 
 
 def _hash_pool():
@@ -101,7 +103,11 @@ def _hash_pool():
     return _pool
 
 
-def encode_parts(secret: bytes, message: dict) -> list[Buffer]:
+#: Header flag: the sender's last frame for this job (a result or an error).
+FINAL = 0x01
+
+
+def encode_parts(secret: bytes, message: dict, flags: int = 0) -> list[Buffer]:
     """Header, meta and buffers of one frame, ready for ``os.writev`` (no joining copy)."""
     buffers = message.get("_buffers") or []
     if buffers:
@@ -111,7 +117,7 @@ def encode_parts(secret: bytes, message: dict) -> list[Buffer]:
     meta = msgpack.packb(message, use_bin_type=True)
     parts: list[Buffer] = [meta, *buffers]
     body_len = len(meta) + sum(b.nbytes for b in buffers)
-    header = _HEADER.pack(MAGIC, VERSION, 0, len(meta), body_len, _mac(secret, parts))
+    header = _HEADER.pack(MAGIC, VERSION, flags, len(meta), body_len, _mac(secret, parts))
     return [header, *parts]
 
 
@@ -154,8 +160,8 @@ class FrameWriter:
         self.secret = secret
         self._lock = threading.Lock()
 
-    def send(self, message: dict) -> None:
-        parts = encode_parts(self.secret, message)
+    def send(self, message: dict, final: bool = False) -> None:
+        parts = encode_parts(self.secret, message, FINAL if final else 0)
         with self._lock:
             write_all(self.fd, *parts)
 
@@ -181,6 +187,10 @@ class Frame:
 
     def decode(self) -> dict:
         return decode_body(self.meta_len, self.body)
+
+    @property
+    def final(self) -> bool:
+        return bool(self.header[3] & FINAL)
 
 
 class FrameSplitter:

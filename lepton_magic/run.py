@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 class Run:
     """A run: its status, metrics, nodes, logs and outputs."""
 
-    def __init__(self, store: Store, seq: int, live: "LiveRun | None" = None):
+    def __init__(self, store: Store, seq: int, live: "LiveRun | None" = None, session=None):
         self._store = store
         self.seq = seq
         self._live = live
+        self._session = session
         row = self._row()
         self.id: str = row["id"]
         self.name: str = row["name"]
@@ -98,7 +99,9 @@ class Run:
         df = self._store.frame(
             "SELECT step, name, value FROM metrics WHERE run=? AND rank=0 ORDER BY rowid", (self.seq,)
         )
-        wide = df.pivot_table(index="step", columns="name", values="value", aggfunc="last")
+        # The last value logged at each step wins; a NaN (a diverging loss) stays visible.
+        last = df.drop_duplicates(["step", "name"], keep="last")
+        wide = last.pivot(index="step", columns="name", values="value").sort_index()
         wide.columns.name = None
         return wide
 
@@ -119,8 +122,16 @@ class Run:
             return dict(self._live.outputs)
         from .liverun import OUTPUTS_FILE, outputs_dir, read_outputs
 
+        row = self._row()
+        if row["status"] != "succeeded" or not json.loads(row["outputs"] or "[]"):
+            return {}
         path = outputs_dir(self._store, self.id) / OUTPUTS_FILE
-        return read_outputs(path) if path.exists() else {}
+        deadline = time.monotonic() + 30
+        while not path.exists():  # written just after the run ended, by the kernel that ran it
+            if time.monotonic() > deadline or _owner_gone(row):
+                return {}
+            time.sleep(0.05)
+        return read_outputs(path)
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -146,6 +157,8 @@ class Run:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
                 time.sleep(0.2)
+        if self._session is not None:
+            self._session.bind_pending()
         if self.status == "failed" and self.error is not None:
             raise self.error
         return self

@@ -25,6 +25,8 @@ class Session:
         self.pools: dict[str, Pool] = {}
         self.live: dict[str, LiveRun] = {}
         self.last_seq: int | None = None
+        self._last_live: LiveRun | None = None  # kept, so lm.last_run() stays cheap
+        self._to_bind: list[tuple[dict, dict]] = []
         self._lock = threading.RLock()
         atexit.register(self.close)
 
@@ -95,6 +97,9 @@ class Session:
         backend = backend or self.config["backend"]
         nodes = nodes or self.config["nodes"]
         gpus = gpus if gpus is not None else self.config["gpus"]
+        pool = self.pool(backend)
+        if gpus is None and pool is not None:
+            gpus = pool.settings.get("gpus")
         timeout = timeout if timeout is not None else self.config["timeout"]
         if inputs is None:
             input_names = [n for n in cellcode.free_names(tree) if n in namespace]
@@ -103,15 +108,7 @@ class Session:
             if missing:
                 raise LeptonError(f"--in names {', '.join(missing)}, which the notebook does not define")
             input_names = inputs
-        shipped = {}
-        for n in input_names:
-            try:  # modules pickle by name: the node imports them
-                shipped[n] = values.dumps(namespace[n])
-            except Exception as e:
-                raise LeptonError(
-                    f"cannot send {n!r} (a {values.describe(namespace[n])}) to the nodes: {type(e).__name__}: "
-                    f"{e}. Create it inside the cell, or list what to send with --in"
-                ) from None
+        shipped = _pickle_inputs(namespace, input_names)
         # A cell of plain Python over plain values runs in a light rank: no torch to fork.
         light = cellcode.needs_only_stdlib(tree) and all(
             type(namespace[n]) in _PLAIN_TYPES for n in input_names
@@ -123,11 +120,11 @@ class Session:
         run_id = f"r-{secrets.token_hex(4)}"
         seq, name = self.store.add_run(
             run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,
-            inputs=sorted(shipped), timeout=timeout, env=env or {},
+            inputs=input_names, timeout=timeout, env=env or {},
         )
-        callbacks: list[Callable[[LiveRun], None]] = []
+        callbacks: list[Callable[[LiveRun], None]] = [self._forget]
         if bind:
-            callbacks.append(lambda live: namespace.update(live.outputs))
+            callbacks.append(lambda live: self._queue_binding(namespace, live))
         if on_done is not None:
             callbacks.append(on_done)
         try:
@@ -143,20 +140,45 @@ class Session:
         )
         with self._lock:
             self.live[run_id] = live
+            self._last_live = live
             self.last_seq = seq
         try:
             live.start()
-        except LeptonError as e:
-            pool.release(live)
-            self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
+        except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
+            live.abort(e)
             raise
-        return Run(self.store, seq, live)
+        return Run(self.store, seq, live, self)
+
+    # --- binding outputs -------------------------------------------------------------------
+    def _queue_binding(self, namespace: dict, live: LiveRun) -> None:
+        """Outputs are bound by the thread that waits for the run (or, for --async runs, before
+        the next cell runs), never from a reader thread in the middle of another cell."""
+        if live.status == "succeeded" and live.outputs:
+            with self._lock:
+                self._to_bind.append((namespace, live.outputs))
+
+    def bind_pending(self) -> None:
+        with self._lock:
+            pending, self._to_bind = self._to_bind, []
+        for namespace, outputs in pending:
+            namespace.update(outputs)
+
+    def _forget(self, live: LiveRun) -> None:
+        """A finished run lives on in the store; drop it here so its data can be freed."""
+        with self._lock:
+            self.live.pop(live.id, None)
 
     def get_run(self, key: str | int) -> Run:
         row = self.store.run_row(key)
         if row is None:
             raise LeptonError(f"no run called {key!r} in {self.store.path}")
-        return Run(self.store, row["seq"], self.live.get(row["id"]))
+        return Run(self.store, row["seq"], self._live_run(row["id"]), self)
+
+    def _live_run(self, run_id: str) -> LiveRun | None:
+        live = self.live.get(run_id)
+        if live is None and self._last_live is not None and self._last_live.id == run_id:
+            live = self._last_live
+        return live
 
     def last_run(self) -> Run | None:
         seq = self.last_seq
@@ -166,7 +188,7 @@ class Session:
         if seq is None:
             return None
         row = self.store.run_row(seq)
-        return Run(self.store, seq, self.live.get(row["id"]))
+        return Run(self.store, seq, self._live_run(row["id"]), self)
 
     def runs(self):
         """Every run in the store, newest first."""
@@ -197,15 +219,37 @@ class Session:
         )
 
 
+def _pickle_inputs(namespace: dict, names: list[str]) -> bytes | None:
+    """The inputs as one pickle, so objects sharing state (a model and its optimizer) still
+    share it on the node. When that fails, find the variable to blame."""
+    if not names:
+        return None
+    try:
+        return values.dumps({n: namespace[n] for n in names})
+    except Exception:
+        pass
+    for n in names:
+        try:  # modules pickle by name: the node imports them
+            values.dumps(namespace[n])
+        except Exception as e:
+            raise LeptonError(
+                f"cannot send {n!r} (a {values.describe(namespace[n])}) to the nodes: {type(e).__name__}: "
+                f"{e}. Create it inside the cell, or list what to send with --in"
+            ) from None
+    raise LeptonError(f"cannot send the inputs {', '.join(names)} together; try fewer with --in")
+
+
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset})
 
 _default: Session | None = None
 _default_lock = threading.Lock()
 
 
-def default_session() -> Session:
+def default_session(defaults: bool = False) -> Session:
+    """The session of this process. Bad settings raise a LeptonError naming the source; with
+    ``defaults`` the settings files and variables are ignored instead."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = Session()
+            _default = Session(Config.defaults() if defaults else None)
         return _default

@@ -196,19 +196,21 @@ class Store:
     # --- streams ---------------------------------------------------------------------------
     def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:
         rows = zip([seq] * len(steps), [rank] * len(steps), steps, names, values, times)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
+        self._write_many("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def add_logs(self, seq: int, rank: int, stream: str, when: float, lines: list[str]) -> None:
+        self._write_many("INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
+                         ((seq, rank, stream, when, line) for line in lines))
+
+    def _write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
-                ((seq, rank, stream, when, line) for line in lines),
-            )
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def add_event(self, kind: str, data: dict | None = None, run: int | None = None, pool: str | None = None) -> None:
         self.write([self.event_insert(kind, data, run, pool)])

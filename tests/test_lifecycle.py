@@ -98,7 +98,13 @@ KERNEL = textwrap.dedent(
     time.sleep(0.6)  # let some points reach the store
     pool = session.pool()
     agents = [link.facts["pid"] for link in pool.live_nodes]
-    print(" ".join(map(str, agents + list(run._live.rank_pids.values()))), flush=True)
+    # A process the kernel forked holds copies of the agents' pipes: their EOF alone would
+    # never come. The agents must notice the kernel's death itself.
+    holder = os.fork()
+    if holder == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(" ".join(map(str, agents + list(run._live.rank_pids.values()) + [holder])), flush=True)
     time.sleep(600)
     """
 )
@@ -110,12 +116,15 @@ def test_kill_9_of_the_kernel_leaves_no_orphans(tmp_path):
     env = dict(os.environ, LEPTON_HOME=str(tmp_path / "home"))
     kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     line = kernel.stdout.readline()
-    pids = [int(p) for p in line.split()]
+    *pids, holder = [int(p) for p in line.split()]
     assert len(pids) == 4, line
     everything = pids + [d for p in pids[:2] for d in descendants(p)]
     os.kill(kernel.pid, signal.SIGKILL)
     kernel.wait()
-    survivors = wait_gone(everything, 30.0)
+    try:
+        survivors = wait_gone(everything, 30.0)
+    finally:
+        os.kill(holder, signal.SIGKILL)
     assert not survivors, f"still alive 30 s after kill -9 of the kernel: {survivors}"
     # A fresh process sees the run as failed, not forever "running".
     check = subprocess.run(

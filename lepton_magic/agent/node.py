@@ -31,7 +31,7 @@ from ..protocol import (
 )
 from . import facts, zygote
 from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
-from .forking import fork_standby
+from .forking import CTRL_FD, fork_standby
 
 HEARTBEAT_SECONDS = 2.0
 #: After SIGTERM a rank has this long to exit before SIGKILL.
@@ -56,6 +56,8 @@ class RankProcess:
         self.killed: str | None = None
         self.kill_at: float | None = None
         self.kill_pending: int | None = None  # a signal to send as soon as the pid is known
+        self.pidfd: int | None = None  # readable once the process has exited (Linux 5.3+)
+        self.ended = False
 
     def signal(self, sig: int) -> None:
         if self.pid is None:
@@ -70,7 +72,8 @@ class RankProcess:
 
 
 class Agent:
-    def __init__(self, node: str, secret: bytes, kernel_in: int, kernel_out: int, preload: list[str]):
+    def __init__(self, node: str, secret: bytes, kernel_in: int, kernel_out: int, preload: list[str],
+                 parent_pid: int | None = None):
         self.node = node
         self.secret = secret
         self.preload = preload
@@ -87,6 +90,7 @@ class Agent:
         self.logs: dict[tuple[str, int, str], list[str]] = {}
         self.next_heartbeat = 0.0
         self.running = True
+        self.parent_pid = parent_pid
 
     # --- life cycle ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -94,6 +98,12 @@ class Agent:
         info.update({"t": "node", "protocol": VERSION, "agent_version": __version__})
         self.out.send(info)
         self.sel.register(self.kernel_in, selectors.EVENT_READ, ("kernel", None))
+        if self.parent_pid:
+            # The kernel's death must stop us even when a process it forked still holds our stdin.
+            parent = _pidfd(self.parent_pid)
+            if parent is None:
+                return
+            self.sel.register(parent, selectors.EVENT_READ, ("parent", None))
         for preloaded, modules in ((False, []), (True, self.preload)):
             if preloaded and not modules:
                 continue
@@ -116,8 +126,12 @@ class Agent:
             try:
                 if kind == "kernel":
                     self.on_kernel()
+                elif kind == "parent":
+                    self.running = False  # the kernel process is gone
                 elif kind == "zygote":
                     self.on_zygote(rank)
+                elif kind == "pidfd":
+                    self.end_rank(rank)
                 elif kind == "ctrl":
                     if rank.ctrl is not None:
                         self.on_ctrl(rank)
@@ -125,12 +139,17 @@ class Agent:
                     self.on_output(rank, 1 if kind == "out" else 2, key.fd)
             except BlockingIOError:
                 pass
+            except ProtocolError as e:
+                self.reject_rank(rank, e)
             except OSError as e:
                 print(f"lepton agent {self.node}: {kind}: {e}", file=sys.stderr, flush=True)
             if not self.running:
                 return
-        self.flush_logs()
-        self.reap()
+        try:
+            self.flush_logs()
+            self.reap()
+        except OSError as e:
+            print(f"lepton agent {self.node}: {e}", file=sys.stderr, flush=True)
         now = time.monotonic()
         for r in self.ranks:
             if r.kill_at and now >= r.kill_at:
@@ -179,13 +198,27 @@ class Agent:
         # long ago, not the one being forked right now.
         self.want[preloaded] = max(self.want[preloaded], 2 * local)
         for local_rank in range(local):
-            proc = self.take_standby(preloaded)
-            proc.run = job["run"]
-            proc.rank = job["rank_offset"] + local_rank
-            proc.ctrl.sendall(encode(self.secret, dict(job, t="job", local_rank=local_rank)))
-            if proc.greeted:
-                self.announce(proc)
-            # else: announced when its hello arrives (see on_ctrl)
+            rank = job["rank_offset"] + local_rank
+            frame = encode(self.secret, dict(job, t="job", local_rank=local_rank))
+            for attempt in range(2):  # a standby that died meanwhile is replaced once
+                proc = self.take_standby(preloaded)
+                try:
+                    proc.ctrl.sendall(frame)
+                except OSError as e:
+                    self.discard(proc)
+                    if attempt:
+                        self.out.send({"t": "error", "run": job["run"], "rank": rank, "type": "LeptonError",
+                                       "message": f"could not start rank {rank} on {self.node}: {e}",
+                                       "traceback": "", "line": None})
+                        self.out.send({"t": "exit", "run": job["run"], "rank": rank, "pid": None,
+                                       "killed": None, "time": time.time()})
+                    continue
+                proc.run = job["run"]
+                proc.rank = rank
+                if proc.greeted:
+                    self.announce(proc)
+                # else: announced when its hello arrives (see on_ctrl)
+                break
         # New standbys are forked once these ranks end (see reap): forking now would compete
         # with the run for the CPU.
 
@@ -203,7 +236,7 @@ class Agent:
 
     # --- standbys --------------------------------------------------------------------------
     def idle(self, preloaded: bool | None = None) -> list[RankProcess]:
-        return [r for r in self.ranks if r.run is None and r.open == 3
+        return [r for r in self.ranks if r.run is None and r.open == 3 and not r.ended
                 and (preloaded is None or r.preloaded == preloaded)]
 
     def take_standby(self, preloaded: bool) -> RankProcess:
@@ -235,6 +268,7 @@ class Agent:
             proc.preloaded = ready[0]
         else:  # no zygote yet: fork here
             proc.pid = fork_standby(self.secret, child_ctrl.fileno(), out_w, err_w, preloaded=False)
+            self.watch(proc)
         child_ctrl.close()
         os.close(out_w)
         os.close(err_w)
@@ -273,6 +307,8 @@ class Agent:
             else:
                 data = proc.ctrl.recv(1 << 20)
                 n = len(data)
+        except BlockingIOError:
+            return
         except OSError:
             n = 0
         if not n:
@@ -286,13 +322,14 @@ class Agent:
         if frames and proc.run is not None:
             # Whatever the rank printed before this frame is already in its pipes: send it first,
             # so the kernel has every line once it sees the result.
-            self.drain_output(proc)
+            self.drain_output(proc, final=any(f.final for f in frames))
         for frame in frames:
             if not proc.greeted:
                 message = frame.decode() if frame.verify(self.secret) else {}
                 if message.get("t") == "hello":
                     proc.greeted = True
                     proc.pid = message["pid"]
+                    self.watch(proc)
                     if proc.run is not None:
                         self.announce(proc)
                     if proc.kill_pending:
@@ -301,42 +338,96 @@ class Agent:
             # Rank frames are signed with the pool secret: relay them to the kernel as they are.
             self.out.send_frame(frame.header, frame.body)
 
-    def drain_output(self, proc: RankProcess) -> None:
-        for stream, fd in ((1, proc.out_fd), (2, proc.err_fd)):
-            while fd is not None and getattr(proc, "out_fd" if stream == 1 else "err_fd") is not None:
+    def drain_output(self, proc: RankProcess, final: bool = False) -> None:
+        """Read what the rank's pipes hold now; with ``final``, an unfinished last line too."""
+        for stream in (1, 2):
+            while (fd := proc.out_fd if stream == 1 else proc.err_fd) is not None:
                 try:
                     self.on_output(proc, stream, fd)
                 except BlockingIOError:
                     break
+            if final and proc.partial[stream]:
+                self.add_lines(proc, stream, [proc.partial[stream]])
+                proc.partial[stream] = b""
         self.flush_logs()
 
     def on_output(self, proc: RankProcess, stream: int, fd: int) -> None:
         data = os.read(fd, 1 << 16)
         if not data:
-            tail = proc.partial[stream]
-            if tail:
-                self.add_lines(proc, stream, [tail])
+            if proc.partial[stream]:
+                self.add_lines(proc, stream, [proc.partial[stream]])
             proc.partial[stream] = b""
             self.close_fd(proc, "out" if stream == 1 else "err")
             return
-        data = proc.partial[stream] + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, proc.partial[stream] = data.split(b"\n")
         if proc.run is None:
             print(data.decode(errors="replace"), end="", file=sys.stderr)  # standby noise
             return
-        self.add_lines(proc, stream, [line for line in lines if line])
+        *lines, proc.partial[stream] = (proc.partial[stream] + data).split(b"\n")
+        self.add_lines(proc, stream, lines)
 
     def add_lines(self, proc: RankProcess, stream: int, lines: list[bytes]) -> None:
         if proc.run is None or proc.rank is None or not lines:
             return
         key = (proc.run, proc.rank, "stdout" if stream == 1 else "stderr")
-        self.logs.setdefault(key, []).extend(line.decode(errors="replace") for line in lines)
+        # A carriage return redraws the line (progress bars): keep what a terminal would show.
+        self.logs.setdefault(key, []).extend(
+            line.rstrip(b"\r").rsplit(b"\r", 1)[-1].decode(errors="replace") for line in lines
+        )
 
     def flush_logs(self) -> None:
         now = time.time()
         for (run, rank, stream), lines in self.logs.items():
             self.out.send({"t": "log", "run": run, "rank": rank, "stream": stream, "lines": lines, "time": now})
         self.logs.clear()
+
+    # --- the end of a rank -----------------------------------------------------------------
+    def watch(self, proc: RankProcess) -> None:
+        """Learn of the process's end from a pidfd, not from its pipes closing: a child it left
+        behind may hold those open for ever."""
+        if proc.pidfd is None and proc.pid:
+            proc.pidfd = _pidfd(proc.pid)
+            if proc.pidfd is not None:
+                self.sel.register(proc.pidfd, selectors.EVENT_READ, ("pidfd", proc))
+            elif _pidfd_supported:
+                proc.ended = True  # already gone
+
+    def end_rank(self, proc: RankProcess) -> None:
+        """The rank process exited: take in all it sent, kill what it left in its process group,
+        report its end."""
+        proc.ended = True
+        while proc.ctrl is not None and _readable(proc.ctrl):  # EOF counts as readable
+            self.on_ctrl(proc)
+        if proc.run is not None:
+            self.drain_output(proc, final=True)
+        if proc.pid:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.discard(proc)
+
+    def reject_rank(self, proc: RankProcess, error: Exception) -> None:
+        """The rank wrote something that is not a lepton frame to its control socket."""
+        if proc.run is not None:
+            self.out.send({"t": "error", "run": proc.run, "rank": proc.rank, "type": "ProtocolError",
+                           "message": f"the rank wrote bytes that are not lepton frames to file descriptor "
+                                      f"{CTRL_FD} ({error}); it was stopped",
+                           "traceback": "", "line": None})
+        proc.signal(signal.SIGKILL)
+        proc.killed = "SIGKILL"
+        self.discard(proc)
+
+    def discard(self, proc: RankProcess) -> None:
+        for which in ("ctrl", "out", "err"):
+            self.close_fd(proc, which)
+        if proc.pidfd is not None:
+            try:
+                self.sel.unregister(proc.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(proc.pidfd)
+            proc.pidfd = None
+        proc.ended = True
 
     def close_fd(self, proc: RankProcess, which: str) -> None:
         target = {"ctrl": proc.ctrl, "out": proc.out_fd, "err": proc.err_fd}[which]
@@ -355,8 +446,9 @@ class Agent:
         proc.open -= 1
 
     def reap(self) -> None:
-        """Report ranks whose every descriptor is closed: the process has ended."""
-        for proc in [r for r in self.ranks if r.open == 0]:
+        """Report the ranks that ended (their pidfd fired, or without pidfds every descriptor
+        closed), then fork standbys to replace them."""
+        for proc in [r for r in self.ranks if r.open == 0 and r.pidfd is None]:
             self.ranks.remove(proc)
             if proc.run:
                 self.flush_logs()
@@ -366,9 +458,29 @@ class Agent:
             self.replenish()
 
 
+_pidfd_supported = hasattr(os, "pidfd_open")
+
+
+def _pidfd(pid: int) -> int | None:
+    if not _pidfd_supported:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return None
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lepton_magic.agent")
     parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the kernel) exits")
     parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch,numpy,pandas"),
                         help="comma-separated modules the zygote imports ahead of jobs ('' for none)")
     args = parser.parse_args(argv)
@@ -380,5 +492,5 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout = sys.stderr
     secret = read_exact(kernel_in, SECRET_SIZE)
     preload = [m.strip() for m in args.preload.split(",") if m.strip()]
-    Agent(args.node, secret, kernel_in, kernel_out, preload).serve()
+    Agent(args.node, secret, kernel_in, kernel_out, preload, args.parent_pid).serve()
     os._exit(0)

@@ -47,12 +47,15 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         attempt=job.get("attempt", 0),
     )
     signal.signal(signal.SIGTERM, lambda *_: _terminate(lepton))
+    # A process the cell forks (DataLoader workers, multiprocessing) must not speak for this rank.
+    os.register_at_fork(after_in_child=lambda: _silence_child(lepton))
+    _apply_thread_count()
     namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
-    for name, blob in job["inputs"].items():
-        try:
-            namespace[name] = values.loads(blob)
+    if job["inputs"]:
+        try:  # one pickle: objects that share state in the notebook share it here too
+            namespace.update(values.loads(job["inputs"]))
         except Exception as e:
-            return _fail(writer, lepton, job, e, f"could not load the input {name!r} on {job['node']}: ")
+            return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ")
 
     source = padded_source(job["code"], job["line_offset"])
     linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)
@@ -66,15 +69,33 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         result["collect_started"] = time.time()
         blob, buffers, names, skipped = collect_outputs(namespace, job["outputs"], job["explicit_outputs"])
         result.update(outputs=blob, names=names, skipped=skipped)
+        result["_buffers"] = buffers
         if job.get("shm_dir") and sum(b.nbytes for b in buffers) >= sharedmem.SHM_MIN_BYTES:
-            result["shm"] = sharedmem.write_buffers(job["shm_dir"], run, buffers)
-        else:
-            result["_buffers"] = buffers
+            try:
+                result["shm"] = sharedmem.write_buffers(job["shm_dir"], run, buffers)
+                del result["_buffers"]
+            except OSError as e:  # /dev/shm too small (64 MB in a default container): use the pipe
+                print(f"lepton: shared memory unavailable ({e}); sending the outputs through the pipe",
+                      file=sys.stderr)
     lepton.close()
     _flush_std()
     result["time"] = time.time()
-    writer.send(result)
+    writer.send(result, final=True)
     return 0
+
+
+def _apply_thread_count() -> None:
+    """OpenMP read OMP_NUM_THREADS when the zygote imported torch, before this job set it:
+    tell torch now, or every rank on a shared machine would use every core."""
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
+def _silence_child(lepton: Lepton) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    lepton.detach()
 
 
 def collect_outputs(namespace: dict, names: list[str], explicit: bool):
@@ -128,7 +149,8 @@ def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, 
         pass
     _flush_std()
     writer.send(
-        {
+        final=True,
+        message={
             "t": "error",
             "run": job["run"],
             "rank": lepton.rank,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any, Callable
 from .. import values
 
 _now = time.time
+_STEP_MIN, _STEP_MAX = -(2**63), 2**63 - 1  # what SQLite's INTEGER holds
 
 #: A batch leaves the rank when it holds this many points, or when it is this old.
 BATCH_POINTS = 4096
@@ -59,6 +61,8 @@ class Lepton:
         """Record metrics at ``step`` (default: one past the previous step)."""
         if step is None:
             step = self._next_step
+        elif type(step) is not int or not _STEP_MIN <= step <= _STEP_MAX:
+            step = _as_step(step)
         for value in metrics.values():
             if type(value) is not float:
                 metrics = _as_floats(metrics)
@@ -97,7 +101,16 @@ class Lepton:
     def _flush_periodically(self) -> None:
         while not self._closed.wait(BATCH_SECONDS):
             if self._points:
-                self.flush()
+                try:
+                    self.flush()
+                except Exception as e:  # keep flushing later points; say what went wrong
+                    print(f"lepton.log: could not send metrics: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def detach(self) -> None:
+        """In a process forked by the cell: drop the parent's points and never send."""
+        self._points = deque()
+        self._send = lambda message: None
+        self._closed.set()
 
     # --- devices and torch.distributed -----------------------------------------------------
     @property
@@ -163,6 +176,16 @@ class Lepton:
                 pass
 
 
+def _as_step(step: Any) -> int:
+    try:
+        value = operator.index(step)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"lepton.log: step must be a whole number, got {type(step).__name__} {step!r}") from None
+    if not _STEP_MIN <= value <= _STEP_MAX:
+        raise TypeError(f"lepton.log: step {value} does not fit in 64 bits")
+    return value
+
+
 def _as_floats(metrics: dict) -> dict:
     try:
         return {name: float(value) for name, value in metrics.items()}
@@ -183,7 +206,7 @@ def _is_number(value: Any) -> bool:
 
 
 def environ_for(job: dict, local_rank: int) -> dict[str, str]:
-    """The torchrun-style environment of one rank."""
+    """The torchrun-style environment of one rank, then the user's --env on top."""
     rank = job["rank_offset"] + local_rank
     env = {
         "RANK": str(rank),
@@ -192,11 +215,19 @@ def environ_for(job: dict, local_rank: int) -> dict[str, str]:
         "LOCAL_WORLD_SIZE": str(job["local_world_size"]),
         "GROUP_RANK": str(job["node_rank"]),
         "NODE_RANK": str(job["node_rank"]),
+        "GROUP_WORLD_SIZE": str(job["nnodes"]),
+        "ROLE_NAME": "default",
+        "ROLE_RANK": str(rank),
+        "ROLE_WORLD_SIZE": str(job["world_size"]),
         "MASTER_ADDR": job["master_addr"],
         "MASTER_PORT": str(job["master_port"]),
+        "TORCHELASTIC_RUN_ID": job["run"],
+        "TORCHELASTIC_RESTART_COUNT": str(job.get("attempt", 0)),
+        "TORCHELASTIC_MAX_RESTARTS": "0",
         "LEPTON_RUN": job["run"],
         "LEPTON_NODE": job["node"],
     }
+    if job.get("threads"):  # as torchrun does: cores shared out among the ranks of a machine
+        env["OMP_NUM_THREADS"] = str(job["threads"])
     env.update(job.get("env") or {})
     return env
-

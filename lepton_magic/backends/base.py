@@ -24,6 +24,7 @@ class NodeLink:
         self.facts: dict = {}
         self.ready = threading.Event()
         self.alive = True
+        self.broken = False
         self.rejected = 0
         self._writer = FrameWriter(write_fd, secret)
         self._reader = FrameReader(read_fd, secret, source=f"node {name}")
@@ -51,6 +52,11 @@ class NodeLink:
             self._writer.send(message)
         except OSError as e:
             self._lost(f"cannot write to the agent ({e})")
+        except BaseException:
+            # Interrupted half-way through a frame: the agent would read garbage from here on.
+            self.broken = True
+            self._lost("interrupted while sending to it")
+            raise
 
     def _read(self) -> None:
         reason = "the agent exited"
@@ -68,6 +74,9 @@ class NodeLink:
             reason = str(e)
         except OSError as e:
             reason = f"the pipe to the agent broke ({e})"
+        except Exception as e:  # never die silently: the runs on this node must learn of it
+            log.exception("reading from %s failed", self.name)
+            reason = f"reading from the agent failed ({type(e).__name__}: {e})"
         finally:
             self.rejected = self._reader.rejected
         self._lost(reason)

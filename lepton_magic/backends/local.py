@@ -37,7 +37,7 @@ class LocalBackend(Backend):
         for name in names:
             with open(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "lepton_magic.agent", "--node", name],
+                    [sys.executable, "-m", "lepton_magic.agent", "--node", name, "--parent-pid", str(os.getpid())],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=agent_log,

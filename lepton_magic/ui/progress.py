@@ -35,11 +35,15 @@ class TextProgress:
         self._t0 = time.monotonic()
 
     def tick(self) -> None:
-        self._print_logs()
-        now = time.monotonic()
-        if self.status_line and now - self._t0 > QUIET_SECONDS and now - self._last_draw >= MIN_REDRAW_SECONDS:
-            self._draw(self.status_text())
-            self._last_draw = now
+        try:
+            self._print_logs()
+            now = time.monotonic()
+            if self.status_line and now - self._t0 > QUIET_SECONDS and now - self._last_draw >= MIN_REDRAW_SECONDS:
+                self._draw(self.status_text())
+                self._last_draw = now
+        except Exception as e:  # a display problem must never stop (or orphan) the run
+            self.status_line = self.show_logs = False
+            print(f"(progress display stopped: {type(e).__name__}: {e})", file=self.out)
 
     def finish(self) -> None:
         self._print_logs()
@@ -60,7 +64,7 @@ class TextProgress:
             step = max(s for s, _v in latest.values())
             parts.append(f"step {step}")
             for name, (_s, value) in sorted(latest.items())[:3]:
-                parts.append(f"{name} {value:.4g}")
+                parts.append(f"{name} {_number(value)}")
         parts.append(f"{time.monotonic() - self._t0:.1f} s")
         return " · ".join(parts)
 
@@ -118,6 +122,10 @@ class TextProgress:
             self.out.write("\r" + " " * self._drawn + "\r")
             self.out.flush()
             self._drawn = 0
+
+
+def _number(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.4g}"  # SQLite keeps NaN as NULL
 
 
 class _Text:
