@@ -35,6 +35,7 @@ class Pool:
         self.busy: dict[str, str] = {}  # node name -> run id
         self.runs: dict[str, "LiveRun"] = {}
         self.closed = False
+        self._run_ids: list[str] = []
         self._lock = threading.RLock()
         self._last_active = time.monotonic()
         self._log_dir = Path(store.home) / "logs"
@@ -113,6 +114,7 @@ class Pool:
     def attach_run(self, run: "LiveRun") -> None:
         with self._lock:
             self.runs[run.id] = run
+            self._run_ids.append(run.id)
 
     def release(self, run: "LiveRun") -> None:
         with self._lock:
@@ -183,4 +185,7 @@ class Pool:
             nodes = list(self.nodes)
         for link in nodes:
             self.backend.stop_node(link)
+        shm = self.backend.shared_memory_dir()
+        if shm:  # results no kernel mapped (a rank killed while writing one): free that memory
+            sharedmem.sweep(shm, self._run_ids)
         self.store.end_pool(self.id)

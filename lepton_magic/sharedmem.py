@@ -73,3 +73,18 @@ def discard(info: dict | None) -> None:
             os.unlink(info["path"])
         except OSError:
             pass
+
+
+def sweep(folder: str, prefixes: list[str]) -> None:
+    """Remove the files runs with these ids left behind."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    wanted = tuple(f"{p}-" for p in prefixes)
+    for name in names:
+        if name.startswith(wanted):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass

@@ -1,7 +1,10 @@
 """The zygote: a child of the agent that imports torch once, then only forks standby ranks.
 
 Importing torch takes seconds; forking a process that already holds it takes milliseconds.
-The zygote stays single-threaded and never touches CUDA, so its children may use CUDA freely.
+The zygote runs no Python threads, no torch operation, and never touches CUDA, so its children
+may use CUDA and torch's thread pools freely. (numpy's OpenBLAS starts idle native threads at
+import; OpenBLAS registers its own fork handlers for exactly this.) The agent runs a second,
+light zygote with nothing preloaded, for cells that need neither.
 The agent asks for a standby by sending the three descriptors the child will use (control
 socket, stdout pipe, stderr pipe) over a SOCK_SEQPACKET pair with SCM_RIGHTS.
 """
