@@ -46,7 +46,7 @@ def free_port() -> int:
 
 class LiveRun:
     def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
-                 inputs: dict[str, bytes], outputs: list[str], explicit_outputs: bool,
+                 inputs: bytes | None, outputs: list[str], explicit_outputs: bool,
                  nodes: list[NodeLink], gpus: int | None, timeout: float | None, env: dict[str, str],
                  on_done: list[Callable[["LiveRun"], None]], preload: bool = True):
         self.store = store
