@@ -18,9 +18,10 @@ from .config import BACKENDS, parse_backend, parse_count, parse_duration
 from .errors import LeptonError, RemoteError
 from .run import Run
 from .session import Session
+from .ui import live
 from .ui.progress import TextProgress
 
-SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "config")
+SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "attach", "config")
 
 
 def _arg_type(parse, *extra):
@@ -100,6 +101,12 @@ def _logs_args(line):
 
 
 @magic_arguments()
+@argument("run", help="run name or id")
+def _attach_args(line):
+    """%lepton attach RUN: the run's panel, live while it runs (also after a kernel restart)."""
+
+
+@magic_arguments()
 @argument("--backend", "-b", type=_backend, default=None)
 def _down_args(line):
     """%lepton down: release every node of the pool."""
@@ -107,7 +114,7 @@ def _down_args(line):
 
 _cell_args.parser.prog = "%%lepton"
 for _sub, _func in (("up", _up_args), ("down", _down_args), ("wait", _wait_args), ("cancel", _cancel_args),
-                    ("logs", _logs_args)):
+                    ("logs", _logs_args), ("attach", _attach_args)):
     _func.parser.prog = f"%lepton {_sub}"
 
 
@@ -164,23 +171,13 @@ class LeptonMagics(Magics):
         if args.background:
             print(f"{run.name} started on {len(run.nodes)} node(s) in the background · "
                   f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
+            live.follow_in_background(run, self.shell)
             return None
         return self._follow(run)
 
     def _follow(self, run: Run):
-        """Show progress until the run ends; Ctrl-C (or anything else that stops us) cancels it."""
-        progress = TextProgress(run, status_line=self.session.config["progress"],
-                                notebook=type(self.shell).__name__ == "ZMQInteractiveShell")
-        try:
-            while not run._live.wait(0.1):
-                progress.tick()
-        except BaseException:
-            run.cancel()
-            print(f"\ncancelling {run.name} …", flush=True)
-            run._live.wait(10)
-            progress.finish()
-            raise
-        progress.finish()
+        """Show the run until it ends (panel or text); Ctrl-C cancels it."""
+        live.follow_blocking(run, self.shell, status_line=self.session.config["progress"])
         self.session.bind_pending()
         if run.status == "failed" and run.error is not None:
             raise run.error
@@ -223,7 +220,7 @@ class LeptonMagics(Magics):
     def _cmd_status(self, rest: str):
         if rest.strip():
             raise UsageError("%lepton status takes no options")
-        return self.session.nodes()
+        return live.show_pool(self.session, self.shell)
 
     def _cmd_runs(self, rest: str):
         if rest.strip():
@@ -250,6 +247,12 @@ class LeptonMagics(Magics):
         run = self.session.get_run(args.run)
         run.cancel()
         print(f"cancelling {run.name}")
+
+    def _cmd_attach(self, rest: str):
+        args = _parse(_attach_args, rest)
+        if args is None:
+            return None
+        live.show(self.session.get_run(args.run), self.shell)
 
     def _cmd_logs(self, rest: str):
         args = _parse(_logs_args, rest)

@@ -36,6 +36,19 @@ class Run:
         return (f"<b>{self.name}</b> <code>{self.id}</code> · {self.status} · "
                 f"{self.world_size or '?'} ranks · {_duration(self.duration)}")
 
+    def _ipython_display_(self) -> None:
+        """In a notebook: the run's panel (live while it runs). Elsewhere: its text."""
+        from IPython import get_ipython
+        from IPython.display import display
+
+        from .ui import live
+
+        shell = get_ipython()
+        if shell is not None and live.widgets_available(shell):
+            live.show(self, shell)
+        else:
+            display({"text/plain": repr(self), "text/html": self._repr_html_()}, raw=True)
+
     def _row(self) -> dict:
         row = self._store.run_row(self.seq)
         if row is None:

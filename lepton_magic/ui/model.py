@@ -1,0 +1,162 @@
+"""What the panel shows, read from the store (never from the widgets): header facts, the node
+table with telemetry, the curves and the log tail. Reads are incremental, so a refresh costs
+the same early and late in a long run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..store import TERMINAL, Store
+from .downsample import Series
+
+#: Lines of log kept per rank for the tail.
+TAIL_LINES = 200
+#: A node whose heartbeat is older than this shows as late.
+HEARTBEAT_LATE_SECONDS = 10.0
+
+
+@dataclass
+class NodeRow:
+    node: str
+    host: str
+    ranks: list[int]
+    gpus: int
+    gpu_name: str | None
+    status: str
+    cpu_percent: float | None = None
+    rss: int | None = None
+    gpu_util: float | None = None
+    gpu_mem_used: int | None = None
+    gpu_memory: int | None = None
+    heartbeat_age: float | None = None
+
+
+@dataclass
+class Header:
+    name: str
+    run_id: str
+    status: str
+    backend: str
+    world_size: int | None
+    elapsed: float | None
+    step: int | None = None
+    steps_per_second: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunView:
+    """The panel's model of one run. ``refresh()`` pulls what is new from the store."""
+
+    store: Store
+    seq: int
+    header: Header | None = None
+    nodes: list[NodeRow] = field(default_factory=list)
+    series: dict[str, dict[int, Series]] = field(default_factory=lambda: defaultdict(dict))
+    tails: dict[int, deque] = field(default_factory=dict)
+    new_points: int = 0
+    new_lines: int = 0
+    _metric_cursor: int = 0
+    _log_cursor: int = 0
+    _rate: deque = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def metric_names(self) -> list[str]:
+        names = sorted(self.series)
+        return sorted(names, key=lambda n: (n != "loss", n))  # loss first: the default curve
+
+    @property
+    def finished(self) -> bool:
+        return self.header is not None and self.header.status in TERMINAL
+
+    def refresh(self) -> "RunView":
+        self._refresh_metrics()
+        self._refresh_logs()
+        self._refresh_run()
+        self._refresh_nodes()
+        return self
+
+    # --- pieces ----------------------------------------------------------------------------
+    def _refresh_metrics(self) -> None:
+        rows = self.store.execute(
+            "SELECT rowid, rank, step, name, value FROM metrics WHERE run=? AND rowid>? ORDER BY rowid",
+            (self.seq, self._metric_cursor),
+        )
+        self.new_points = len(rows)
+        if not rows:
+            return
+        self._metric_cursor = rows[-1][0]
+        grouped: dict[tuple[str, int], tuple[list, list]] = {}
+        for _rowid, rank, step, name, value in rows:
+            xs, ys = grouped.setdefault((name, rank), ([], []))
+            xs.append(step)
+            ys.append(np.nan if value is None else value)
+        for (name, rank), (xs, ys) in grouped.items():
+            self.series[name].setdefault(rank, Series()).extend(xs, ys)
+
+    def _refresh_logs(self) -> None:
+        rows = self.store.logs_since(self.seq, self._log_cursor)
+        self.new_lines = len(rows)
+        for log_id, rank, _stream, line in rows:
+            self.tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(line)
+            self._log_cursor = log_id
+
+    def _refresh_run(self) -> None:
+        row = self.store.run_row(self.seq)
+        if row is None:
+            return
+        now = time.time()
+        elapsed = ((row["ended"] or now) - row["started"]) if row["started"] else None
+        step = None
+        rank0 = [s for per_rank in self.series.values() for r, s in per_rank.items() if r == 0 and s.n]
+        if rank0:
+            step = int(max(s.x[-1] for s in rank0))
+            self._rate.append((now, step))
+        rate = None
+        if len(self._rate) >= 2 and self._rate[-1][0] > self._rate[0][0]:
+            (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+            rate = (s1 - s0) / (t1 - t0)
+        error = json.loads(row["error"])["message"] if row["error"] else None
+        self.header = Header(row["name"], row["id"], row["status"], row["backend"] or "?",
+                             row["world_size"], elapsed, step, rate, error)
+
+    def _refresh_nodes(self) -> None:
+        rows = self.store.query(
+            "SELECT rn.node, rn.host, rn.ranks, rn.gpus, rn.gpu_name, rn.status, n.cpu_percent, "
+            "n.telemetry, n.last_seen, n.gpu_memory FROM run_nodes rn JOIN runs r ON r.seq = rn.run "
+            "LEFT JOIN nodes n ON n.pool = r.pool AND n.node = rn.node WHERE rn.run=? ORDER BY rn.node",
+            (self.seq,),
+        )
+        now = time.time()
+        self.nodes = []
+        for row in rows:
+            ranks = json.loads(row["ranks"])
+            telemetry = json.loads(row["telemetry"]) if row["telemetry"] else {}
+            per_rank = telemetry.get("ranks") or {}
+            rss = sum(per_rank[str(r)]["rss"] for r in ranks if str(r) in per_rank) or None
+            cpu = sum(per_rank[str(r)]["cpu"] for r in ranks if str(r) in per_rank) if per_rank else None
+            gpus = telemetry.get("gpus") or []
+            self.nodes.append(NodeRow(
+                node=row["node"], host=row["host"] or "?", ranks=ranks, gpus=row["gpus"] or 0,
+                gpu_name=row["gpu_name"], status=row["status"] or "?",
+                cpu_percent=cpu if cpu is not None else row["cpu_percent"], rss=rss,
+                gpu_util=float(np.mean([g["util"] for g in gpus])) if gpus else None,
+                gpu_mem_used=sum(g["mem_used"] for g in gpus) if gpus else None,
+                gpu_memory=row["gpu_memory"],
+                heartbeat_age=(now - row["last_seen"]) if row["last_seen"] else None,
+            ))
+
+    # --- summaries -------------------------------------------------------------------------
+    def final_metrics(self) -> dict[int, dict[str, float]]:
+        """The last value of every metric, per rank."""
+        out: dict[int, dict[str, float]] = defaultdict(dict)
+        for name, per_rank in self.series.items():
+            for rank, s in per_rank.items():
+                if s.n:
+                    out[rank][name] = float(s.y[-1])
+        return dict(out)

@@ -1,0 +1,270 @@
+"""The live run panel under a ``%%lepton`` cell (ipywidgets): header, node table, curves, log
+tail, Cancel. Everything comes from the store through :class:`RunView`; the widgets only show.
+
+Redraws are throttled (``MAX_FPS``) and each curve is cut to a few hundred points, so the cost
+of a frame and the iopub traffic stay bounded however fast the ranks log. When the run ends the
+panel freezes into a summary, and a static PNG of the curves goes to the cell's output, so a
+saved notebook shows the result without widget state.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Callable
+
+import ipywidgets as w
+
+from ..store import TERMINAL
+from .curves import CurvePlot
+from .model import HEARTBEAT_LATE_SECONDS, NodeRow, RunView
+
+#: Panel redraws per second at most (each is a few comm messages and one PNG of ~30 kB).
+MAX_FPS = 4.0
+
+STATUS_COLOURS = {
+    "queued": "#777", "starting": "#b58900", "running": "#268bd2", "succeeded": "#2e8b57",
+    "failed": "#cb4b16", "cancelled": "#6c71c4", "done": "#2e8b57", "lost": "#dc322f",
+    "ready": "#2e8b57", "released": "#777",
+}
+
+
+def _badge(status: str, css: str = "lepton-status") -> str:
+    colour = STATUS_COLOURS.get(status, "#777")
+    return (f'<span class="{css}" style="background:{colour};color:white;border-radius:8px;'
+            f'padding:1px 8px;font-size:90%">{html.escape(status)}</span>')
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "–"
+
+
+def _num(value: float | None, fmt: str = "{:.0f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def node_table(rows: list[NodeRow]) -> str:
+    head = ("<tr><th>node</th><th>host</th><th>ranks</th><th>GPUs</th><th>GPU util</th><th>GPU mem</th>"
+            "<th>CPU %</th><th>RSS</th><th>status</th><th>heartbeat</th></tr>")
+    body = []
+    for r in rows:
+        gpus = f"{r.gpus} × {html.escape(r.gpu_name)}" if r.gpus and r.gpu_name else "CPU"
+        gpu_mem = (f"{_bytes(r.gpu_mem_used)} / {_bytes(r.gpu_memory * r.gpus if r.gpu_memory else None)}"
+                   if r.gpu_mem_used is not None else "–")
+        age = r.heartbeat_age
+        beat = "–" if age is None else f"{age:.0f} s ago" + (" ⚠" if age > HEARTBEAT_LATE_SECONDS else "")
+        body.append(
+            f'<tr class="lepton-node-row"><td>{html.escape(r.node)}</td><td>{html.escape(r.host)}</td>'
+            f"<td>{', '.join(map(str, r.ranks))}</td><td>{gpus}</td>"
+            f"<td>{_num(r.gpu_util, '{:.0f} %')}</td><td>{gpu_mem}</td><td>{_num(r.cpu_percent)}</td>"
+            f"<td>{_bytes(r.rss)}</td><td>{_badge(r.status, 'lepton-node-status')}</td><td>{beat}</td></tr>"
+        )
+    return f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(body)}</table></div>'
+
+
+class RunPanel:
+    """The widget tree for one run, and the logic that keeps it current."""
+
+    def __init__(self, view: RunView, on_cancel: Callable[[], None] | None = None):
+        self.view = view
+        self.plot = CurvePlot()
+        self._on_cancel = on_cancel
+        self._last_draw = 0.0
+        self._drawn_points = -1
+        self._frozen = False
+        self._lock = threading.Lock()
+
+        self.header = w.HTML()
+        self.nodes = w.HTML()
+        self.metric = w.Dropdown(options=["loss"], value="loss", description="metric",
+                                 layout=w.Layout(width="220px"))
+        self.smoothing = w.FloatSlider(value=0.0, min=0.0, max=0.99, step=0.01, description="smoothing",
+                                       readout_format=".2f", layout=w.Layout(width="300px"))
+        self.log_scale = w.Checkbox(value=False, description="log scale", indent=False,
+                                    layout=w.Layout(width="110px"))
+        self.image = w.Image(format="png", layout=w.Layout(width="640px"))
+        self.image.add_class("lepton-curve-image")
+        curve_box = w.VBox([self.image])
+        curve_box.add_class("lepton-curve")
+        self.log_rank = w.Dropdown(options=[("all ranks", -1)], value=-1, description="log",
+                                   layout=w.Layout(width="220px"))
+        self.logs = w.HTML()
+        self.logs.add_class("lepton-logs")
+        self.cancel = w.Button(description="Cancel", button_style="warning", icon="stop",
+                               layout=w.Layout(width="110px"))
+        self.cancel.add_class("lepton-cancel")
+        self.cancel.on_click(self._cancel_clicked)
+        for control in (self.metric, self.smoothing, self.log_scale, self.log_rank):
+            control.observe(lambda _change: self.update(force=True), names="value")
+        self.widget = _PanelBox([
+            w.HBox([self.header, self.cancel], layout=w.Layout(justify_content="space-between")),
+            self.nodes,
+            w.HBox([self.metric, self.smoothing, self.log_scale]),
+            curve_box,
+            self.log_rank,
+            self.logs,
+        ], panel=self)
+        self.widget.add_class("lepton-panel")
+
+    # --- updates ---------------------------------------------------------------------------
+    def update(self, force: bool = False) -> bool:
+        """Redraw from the store if the last frame is old enough (or ``force``); True if drawn."""
+        now = time.monotonic()
+        if self._frozen or (not force and now - self._last_draw < 1.0 / MAX_FPS):
+            return False
+        with self._lock:
+            self._last_draw = now
+            view = self.view.refresh()
+            self._draw_header()
+            self._set(self.nodes, node_table(view.nodes))
+            self._draw_curve(force)
+            self._draw_logs()
+            if view.finished:
+                self._freeze()
+        return True
+
+    def _set(self, widget, value) -> None:
+        if widget.value != value:  # only changes cross the wire
+            widget.value = value
+
+    def _draw_header(self) -> None:
+        h = self.view.header
+        if h is None:
+            return
+        parts = [f"<b>{html.escape(h.name)}</b> <code>{h.run_id}</code>", _badge(h.status),
+                 f"{_num(h.elapsed, '{:.1f} s')}", f"world size {h.world_size or '–'}", f"backend {h.backend}"]
+        if h.step is not None:
+            parts.append(f"step {h.step}")
+        if h.steps_per_second is not None and not self.view.finished:
+            parts.append(f"{h.steps_per_second:.1f} steps/s")
+        text = " · ".join(parts)
+        if h.error:
+            text += f'<div style="color:#cb4b16">{html.escape(h.error)}</div>'
+        self._set(self.header, text)
+
+    def _draw_curve(self, force: bool) -> None:
+        names = self.view.metric_names
+        if not names:
+            return
+        if list(self.metric.options) != names:
+            current = self.metric.value if self.metric.value in names else names[0]
+            self.metric.options = names
+            self.metric.value = current
+        total = sum(s.n for per in self.view.series.values() for s in per.values())
+        if total == self._drawn_points and not force:
+            return
+        self._drawn_points = total
+        series = self.view.series.get(self.metric.value, {})
+        self.image.value = self.plot.render(series, self.metric.value, self.smoothing.value, self.log_scale.value)
+
+    def _draw_logs(self) -> None:
+        ranks = sorted(self.view.tails)
+        options = [("all ranks", -1)] + [(f"rank {r}", r) for r in ranks]
+        if list(self.log_rank.options) != options:
+            self.log_rank.options = options
+        chosen = self.log_rank.value
+        if chosen == -1:
+            multi = len(ranks) > 1
+            lines = [f"[{r}] {line}" if multi else line for r in ranks for line in list(self.view.tails[r])[-15:]]
+        else:
+            lines = list(self.view.tails.get(chosen, []))[-30:]
+        body = html.escape("\n".join(lines)) or "(no output yet)"
+        self._set(self.logs, f'<pre style="max-height:220px;overflow:auto;font-size:85%;margin:0">{body}</pre>')
+
+    def _freeze(self) -> None:
+        self._frozen = True
+        self.cancel.disabled = True
+        self.cancel.layout.display = "none"
+        final = self.view.final_metrics()
+        if final:
+            names = self.view.metric_names
+            head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+            rows = "".join(
+                f"<tr><td>rank {r}</td>" + "".join(f"<td>{final[r].get(n, float('nan')):.4g}</td>" for n in names)
+                + "</tr>" for r in sorted(final)
+            )
+            summary = f'<div class="jp-RenderedHTMLCommon"><table><tr><th>final</th>{head}</tr>{rows}</table></div>'
+            self._set(self.logs, summary + self.logs.value)
+
+    def _cancel_clicked(self, _button) -> None:
+        self.cancel.disabled = True
+        self.cancel.description = "Cancelling…"
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    # --- outputs for saved notebooks ------------------------------------------------------------
+    def static_png(self) -> bytes | None:
+        """The curves of every metric side by side, for the cell's output after the end."""
+        if not self.view.metric_names:
+            return None
+        return self.plot.render(self.view.series.get(self.metric.value, {}), self.metric.value,
+                                self.smoothing.value, self.log_scale.value)
+
+    def text(self) -> str:
+        h = self.view.header
+        if h is None:
+            return "lepton run"
+        return f"{h.name} {h.status} · world size {h.world_size} · {_num(h.elapsed, '{:.1f} s')}"
+
+
+class _PanelBox(w.VBox):
+    """A VBox whose plain-text form (no widget frontend) is a status line, not HBox(children=…)."""
+
+    def __init__(self, children, panel: RunPanel):
+        super().__init__(children)
+        self._panel = panel
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        bundle = dict(bundle or {})
+        bundle["text/plain"] = self._panel.text()
+        return bundle
+
+
+class PoolPanel:
+    """``%lepton status``: every node of this session's pools, with its last telemetry."""
+
+    def __init__(self, session):
+        self.session = session
+        self.table = w.HTML()
+        self.widget = w.VBox([self.table])
+        self.widget.add_class("lepton-pool-panel")
+
+    def update(self) -> None:
+        df = self.session.nodes()
+        now = time.time()
+        rows = []
+        for r in df.to_dict("records"):
+            age = now - r["last_seen"] if r.get("last_seen") else None
+            gpus = f"{r['gpus']} × {html.escape(r['gpu_name'])}" if r.get("gpus") and r.get("gpu_name") else "CPU"
+            rows.append(
+                f'<tr class="lepton-node-row"><td>{html.escape(str(r["pool"]))}</td><td>{html.escape(r["node"])}</td>'
+                f"<td>{html.escape(str(r.get('host') or '?'))}</td><td>{gpus}</td>"
+                f"<td>{_num(r.get('cpu_percent'))}</td><td>{_bytes(r.get('mem_used'))}</td>"
+                f"<td>{html.escape(str(r.get('torch') or '–'))}</td><td>{_badge(r['status'], 'lepton-node-status')}</td>"
+                f"<td>{'–' if age is None else f'{age:.0f} s ago'}</td></tr>"
+            )
+        if not rows:
+            self.table.value = "<i>no pool is up: %lepton up --nodes N, or run a %%lepton cell</i>"
+            return
+        head = ("<tr><th>pool</th><th>node</th><th>host</th><th>GPUs</th><th>CPU %</th><th>memory used</th>"
+                "<th>torch</th><th>status</th><th>heartbeat</th></tr>")
+        self.table.value = f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>'
+
+
+def widgets_available(shell) -> bool:
+    """A kernel a Jupyter frontend talks to (widgets can render); terminals get text."""
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL
