@@ -255,3 +255,10 @@ def test_checkpoint_reaches_the_kernel(ip, run_cell):
     from lepton_magic import values
 
     assert values.loads(lm.last_run()._live.checkpoint_blob) == {"step": 3, "rank": 0}  # rank 0's
+
+
+def test_attach_in_a_terminal_prints_the_summary(ip, run_cell):
+    result, _ = run_cell("%%lepton --name attach-me\nv = 1\n")
+    assert result.success
+    result, out = run_cell("%lepton attach attach-me")
+    assert result.success and "attach-me succeeded" in out
