@@ -69,6 +69,7 @@ class Store:
         self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "store.sqlite"
         self._lock = threading.RLock()
+        self._listeners: dict[int, list] = {}
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash (not a power cut) and costs no fsync.
@@ -196,7 +197,30 @@ class Store:
     # --- streams ---------------------------------------------------------------------------
     def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:
         rows = zip([seq] * len(steps), [rank] * len(steps), steps, names, values, times)
-        self._write_many("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+        with self._lock:
+            self._write_many("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+            for listener in self._listeners.get(seq, ()):
+                listener(rank, steps, names, values)
+
+    def follow_metrics(self, seq: int, listener, after_rowid: int = 0) -> tuple[list[tuple], int]:
+        """The metrics rows of a run after ``after_rowid``, and from then on every batch this
+        process writes, handed to ``listener(rank, steps, names, values)`` as it is committed.
+        Both under one lock, so no point is missed or seen twice. Returns (rows, last rowid)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, rank, step, name, value FROM metrics WHERE run=? AND rowid>? ORDER BY rowid",
+                (seq, after_rowid),
+            ).fetchall()
+            self._listeners.setdefault(seq, []).append(listener)
+        return rows, (rows[-1][0] if rows else after_rowid)
+
+    def unfollow_metrics(self, seq: int, listener) -> None:
+        with self._lock:
+            listeners = self._listeners.get(seq, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                self._listeners.pop(seq, None)
 
     def add_logs(self, seq: int, rank: int, stream: str, when: float, lines: list[str]) -> None:
         self._write_many("INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",

@@ -137,3 +137,20 @@ def test_failed_run_shows_its_error(recorded):
     p.update(force=True)
     assert "boom" in p.header.value and "failed" in p.header.value
     json.dumps(p.view.final_metrics())
+
+
+def test_a_live_view_takes_new_points_from_the_writer_not_the_database(recorded, monkeypatch):
+    store, seq = recorded
+    log_points(store, seq, 0, 20)
+    view = RunView(store, seq, follow=True).refresh()
+    assert view.series["loss"][0].n == 20  # what was there before, read once
+    reads = []
+    original = store.execute
+    monkeypatch.setattr(store, "execute", lambda sql, *a: reads.append(sql) or original(sql, *a))
+    log_points(store, seq, 20, 30)
+    view.refresh()
+    assert view.series["loss"][0].n == 50 and view.series["acc"][1].n == 50
+    assert not [sql for sql in reads if "FROM metrics" in sql]
+    store.update_run(seq, status="succeeded", ended=time.time())
+    view.refresh()
+    assert not store._listeners  # a finished run is no longer followed

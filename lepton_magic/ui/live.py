@@ -25,7 +25,7 @@ def follow_blocking(run: Run, shell, status_line: bool = True) -> None:
         return
     from IPython.display import Image, display
 
-    panel = RunPanel(RunView(run._store, run.seq), on_cancel=run.cancel)
+    panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
     panel.update(force=True)
     handle = display(panel.widget, display_id=True)
     with _widget_events() as poll:
@@ -51,7 +51,7 @@ def follow_in_background(run: Run, shell) -> threading.Thread | None:
         return None
     from IPython.display import Image, display
 
-    panel = RunPanel(RunView(run._store, run.seq), on_cancel=run.cancel)
+    panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
     panel.update(force=True)
     panel_handle = display(panel.widget, display_id=True)
     # The final PNG lands in this cell's output even if another cell runs by then.
@@ -84,8 +84,8 @@ def show(run: Run, shell) -> None:
         from IPython.display import display
 
         panel = RunPanel(RunView(run._store, run.seq))
-        display(panel.widget)
         panel.update(force=True)
+        display(panel.widget)
         return
     follow_in_background(run, shell)
 

@@ -49,12 +49,15 @@ class Header:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class RunView:
     """The panel's model of one run. ``refresh()`` pulls what is new from the store."""
 
     store: Store
     seq: int
+    #: Take new points from this process's writes as they are committed instead of reading
+    #: them back from the database: for the kernel that runs the run.
+    follow: bool = False
     header: Header | None = None
     nodes: list[NodeRow] = field(default_factory=list)
     series: dict[str, dict[int, Series]] = field(default_factory=lambda: defaultdict(dict))
@@ -64,6 +67,8 @@ class RunView:
     _metric_cursor: int = 0
     _log_cursor: int = 0
     _rate: deque = field(default_factory=lambda: deque(maxlen=20))
+    _batches: deque = field(default_factory=deque)
+    _following: bool = False
 
     @property
     def metric_names(self) -> list[str]:
@@ -79,18 +84,30 @@ class RunView:
         self._refresh_logs()
         self._refresh_run()
         self._refresh_nodes()
+        if self.finished:
+            self.close()
         return self
 
     # --- pieces ----------------------------------------------------------------------------
     def _refresh_metrics(self) -> None:
-        rows = self.store.execute(
-            "SELECT rowid, rank, step, name, value FROM metrics WHERE run=? AND rowid>? ORDER BY rowid",
-            (self.seq, self._metric_cursor),
-        )
-        self.new_points = len(rows)
-        if not rows:
+        if self.follow and not self._following:
+            rows, self._metric_cursor = self.store.follow_metrics(self.seq, self._on_batch, self._metric_cursor)
+            self._following = True
+        elif self._following:
+            self.new_points = 0
+            while self._batches:
+                rank, steps, names, values = self._batches.popleft()
+                self._add_batch(rank, steps, names, values)
+                self.new_points += len(steps)
             return
-        self._metric_cursor = rows[-1][0]
+        else:
+            rows = self.store.execute(
+                "SELECT rowid, rank, step, name, value FROM metrics WHERE run=? AND rowid>? ORDER BY rowid",
+                (self.seq, self._metric_cursor),
+            )
+            if rows:
+                self._metric_cursor = rows[-1][0]
+        self.new_points = len(rows)
         grouped: dict[tuple[str, int], tuple[list, list]] = {}
         for _rowid, rank, step, name, value in rows:
             xs, ys = grouped.setdefault((name, rank), ([], []))
@@ -98,6 +115,28 @@ class RunView:
             ys.append(np.nan if value is None else value)
         for (name, rank), (xs, ys) in grouped.items():
             self.series[name].setdefault(rank, Series()).extend(xs, ys)
+
+    def _on_batch(self, rank, steps, names, values) -> None:
+        self._batches.append((rank, steps, names, values))  # on the receiving thread: O(1) only
+
+    def _add_batch(self, rank: int, steps: list, names: list, values: list) -> None:
+        # Values come as the rank sent them (NaN stays NaN; only SQLite turns it into NULL).
+        if names and names[0] == names[-1] and all(n == names[0] for n in names):
+            self.series[names[0]].setdefault(rank, Series()).extend(steps, values)
+            return
+        names_a = np.asarray(names)
+        steps_a = np.asarray(steps)
+        values_a = np.asarray(values, dtype=float)
+        for name in dict.fromkeys(names):
+            mask = names_a == name
+            self.series[name].setdefault(rank, Series()).extend(steps_a[mask], values_a[mask])
+
+    def close(self) -> None:
+        """Stop taking batches from the store (the run ended, or the panel is gone)."""
+        if self._following:
+            self.store.unfollow_metrics(self.seq, self._on_batch)
+            self._following = False
+            self.follow = False
 
     def _refresh_logs(self) -> None:
         rows = self.store.logs_since(self.seq, self._log_cursor)
