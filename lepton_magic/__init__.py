@@ -50,11 +50,20 @@ def load_ipython_extension(ipython) -> None:
         print(f"lepton_magic: {e}; using the default settings")
         session_ = default_session(defaults=True)
     ipython.register_magics(LeptonMagics(ipython, session_))
+    from .ui import live
+
+    if live.widgets_available(ipython) and live.await_lepton_cells not in ipython.input_transformers_post:
+        # In a notebook a blocking %%lepton cell awaits its run, so the Cancel button works.
+        ipython.input_transformers_post.append(live.await_lepton_cells)
     # Outputs of --async runs are bound before the next cell, never in the middle of one.
     ipython.events.register("pre_run_cell", lambda *args: session_.bind_pending())
 
 
 def unload_ipython_extension(ipython) -> None:
+    from .ui import live
+
+    if live.await_lepton_cells in ipython.input_transformers_post:
+        ipython.input_transformers_post.remove(live.await_lepton_cells)
     default_session().down()
 
 

@@ -10,7 +10,7 @@ import argparse
 import shlex
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import cellcode
@@ -135,11 +135,29 @@ def _parse(parser_func, line: str):
         raise
 
 
+async def _nothing():
+    return None
+
+
 @magics_class
 class LeptonMagics(Magics):
     def __init__(self, shell, session: Session):
         super().__init__(shell)
         self.session = session
+
+    @cell_magic
+    def lepton_await(self, line: str, cell: str):
+        """What a notebook runs for a %%lepton cell: the same, awaited (see ui.live)."""
+        run = self._submit(line, cell)
+        if run is None:
+            return _nothing()
+        return self._follow_awaiting(run)
+
+    async def _follow_awaiting(self, run: Run):
+        await live.follow_awaiting(run)
+        self.session.bind_pending()
+        if run.status == "failed" and run.error is not None:
+            raise run.error
 
     @line_cell_magic
     def lepton(self, line: str, cell: str | None = None):
@@ -155,6 +173,11 @@ class LeptonMagics(Magics):
 
     # --- %%lepton --------------------------------------------------------------------------
     def _run_cell(self, line: str, cell: str):
+        run = self._submit(line, cell)
+        return None if run is None else self._follow(run)
+
+    def _submit(self, line: str, cell: str) -> Run | None:
+        """Start the run; None when there is nothing to wait for (help printed, or --async)."""
         args = _parse(_cell_args, line)
         if args is None:
             return None
@@ -173,7 +196,7 @@ class LeptonMagics(Magics):
                   f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
             live.follow_in_background(run, self.shell)
             return None
-        return self._follow(run)
+        return run
 
     def _follow(self, run: Run):
         """Show the run until it ends (panel or text); Ctrl-C cancels it."""

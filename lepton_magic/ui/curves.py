@@ -49,7 +49,8 @@ class CurvePlot:
         for rank, (x, y) in data.items():
             line = self._lines.get(rank)
             if line is None:
-                (line,) = self.axes.plot(x, y, lw=1.3, label=f"rank {rank}", animated=True)
+                (line,) = self.axes.plot(x, y, lw=1.3, label=f"rank {rank}", color=f"C{rank % 10}",
+                                         animated=True)
                 self._lines[rank] = line
             else:
                 line.set_data(x, y)
@@ -81,7 +82,7 @@ class CurvePlot:
             ax.set_ylim(*_padded(lo, hi, log_scale))
         ax.set_title(metric + (f" (smoothed {smoothing:.2f})" if smoothing > 0 else ""), fontsize=10)
         if len(self._lines) > 1:
-            ax.legend(fontsize=8, loc="upper right")
+            ax.legend(handles=[self._lines[r] for r in sorted(self._lines)], fontsize=8, loc="upper right")
             ax.get_legend().set_animated(True)
         elif ax.get_legend() is not None:
             ax.get_legend().remove()

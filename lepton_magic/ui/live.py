@@ -1,10 +1,15 @@
 """Showing a run while it goes: the widget panel where a Jupyter frontend is attached, the text
-progress line elsewhere. Blocking runs are followed on the cell's own thread (processing widget
-events meanwhile, so Cancel works); --async runs and attached runs by a background thread."""
+progress line elsewhere.
+
+In a notebook a blocking ``%%lepton`` cell is run as an *awaiting* cell (see
+:func:`await_lepton_cells`): while it awaits, ipykernel (7+) handles widget messages, so the
+panel's Cancel button works during the run. Ctrl-C / interrupt cancels too, in every frontend.
+``--async`` runs and attached runs are followed by a background thread.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import threading
 import time
 
@@ -13,36 +18,57 @@ from .model import RunView
 from .panel import PoolPanel, RunPanel, widgets_available
 from .progress import TextProgress
 
-#: How often a background follower looks at the store.
+#: How often a follower looks at the store.
 POLL_SECONDS = 0.25
+#: The magic a blocking cell is rewritten to call in a notebook (it returns a coroutine).
+AWAIT_MAGIC = "lepton_await"
+
+
+def await_lepton_cells(lines: list[str]) -> list[str]:
+    """An IPython input transformer (run after magics are expanded): turn a ``%%lepton`` cell
+    into ``await get_ipython().run_cell_magic('lepton_await', ...)``, so the kernel runs it as
+    an async cell and keeps serving widget events (the Cancel button) while it waits."""
+    prefix = "get_ipython().run_cell_magic('lepton',"
+    if lines and lines[0].startswith(prefix):
+        lines = list(lines)
+        lines[0] = f"await get_ipython().run_cell_magic('{AWAIT_MAGIC}'," + lines[0][len(prefix):]
+    return lines
 
 
 def follow_blocking(run: Run, shell, status_line: bool = True) -> None:
-    """Show the run until it ends. Ctrl-C (or any other interruption) cancels it first."""
-    if not widgets_available(shell):
-        progress = TextProgress(run, status_line=status_line)
-        _wait(run, progress.tick, progress.finish)
-        return
+    """Show the run until it ends (text progress). Ctrl-C cancels it first."""
+    progress = TextProgress(run, status_line=status_line)
+    _wait(run, progress.tick, progress.finish)
+
+
+async def follow_awaiting(run: Run) -> None:
+    """The notebook's blocking follow: the panel, redrawn while the cell awaits the run."""
     from IPython.display import Image, display
 
     panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
     panel.update(force=True)
     handle = display(panel.widget, display_id=True)
-    with _widget_events() as poll:
-        def tick():
-            poll(20)  # a click on Cancel arrives as a comm message on the busy shell channel
+
+    def finish():
+        panel.update(force=True)
+        if handle is not None:  # the same widget, with the final text for frontends without widgets
+            handle.update(panel.widget)
+        print(TextProgress(run).summary_text())
+        png = panel.static_png()
+        if png:
+            display(Image(png))
+
+    try:
+        while not run._live.done.is_set():
+            await asyncio.sleep(0.05)
             panel.update()
-
-        def finish():
-            panel.update(force=True)
-            if handle is not None:  # the same widget, with the final text for frontends without widgets
-                handle.update(panel.widget)
-            print(TextProgress(run).summary_text())
-            png = panel.static_png()
-            if png:
-                display(Image(png))
-
-        _wait(run, tick, finish)
+    except BaseException:  # the cell was interrupted (CancelledError) or failed
+        run.cancel()
+        print(f"\ncancelling {run.name} …", flush=True)
+        run._live.wait(10)
+        finish()
+        raise
+    finish()
 
 
 def follow_in_background(run: Run, shell) -> threading.Thread | None:
@@ -105,26 +131,6 @@ def _wait(run: Run, tick, finish) -> None:
         finish()
         raise
     finish()
-
-
-@contextlib.contextmanager
-def _widget_events():
-    """``poll(n)`` handles up to n pending frontend events from inside a running cell."""
-    try:
-        from jupyter_ui_poll import ui_events
-    except ImportError:
-        yield lambda n: None
-        return
-    try:
-        manager = ui_events()
-        poll = manager.__enter__()
-    except Exception:  # not a kernel jupyter-ui-poll knows: the button then works after the cell
-        yield lambda n: None
-        return
-    try:
-        yield poll
-    finally:
-        manager.__exit__(None, None, None)
 
 
 def show_pool(session, shell):

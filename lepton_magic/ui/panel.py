@@ -175,7 +175,7 @@ class RunPanel:
             lines = [f"[{r}] {line}" if multi else line for r in ranks for line in list(self.view.tails[r])[-15:]]
         else:
             lines = list(self.view.tails.get(chosen, []))[-30:]
-        body = html.escape("\n".join(lines)) or "(no output yet)"
+        body = html.escape("\n".join(lines)) or ("(no output)" if self.view.finished else "(no output yet)")
         self._set(self.logs, f'<pre style="max-height:220px;overflow:auto;font-size:85%;margin:0">{body}</pre>')
 
     def _freeze(self) -> None:

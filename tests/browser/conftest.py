@@ -13,7 +13,8 @@ Fixtures (session-scoped unless said otherwise):
 - ``notebook`` (per test): ``notebook(cells, name)`` writes an .ipynb, opens it and waits for an
   idle kernel; returns a :class:`LabNotebook` that runs cells the way a person does (click into
   the cell, Shift+Enter).
-- ``shot`` (per test): ``shot(name)`` saves a screenshot of the page to tests/artifacts/.
+- ``shot`` (per test): ``shot(name)`` saves a screenshot of the page (or ``shot(name, target=locator)``
+  of one element) to tests/artifacts/; a failed test leaves ``<test>-failed.png`` there too.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def lab(browser_deps, tmp_path_factory):
         f"--LabApp.user_settings_dir={dirs['user-settings']}",
         f"--LabApp.workspaces_dir={dirs['workspaces']}",
         "--LabApp.extension_manager=readonly",
+        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: the kernel's state for wait_idle
     ]
     log = base / "lab.log"
     t0 = time.monotonic()
@@ -218,9 +220,26 @@ def browser(_playwright):
 _LOCAL = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?/")
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails leaves tests/artifacts/<test>-failed.png, taken at once (before the
+    fixtures shut its kernel down)."""
+    report = yield
+    page = getattr(item, "funcargs", {}).get("page")
+    if report.when == "call" and report.failed and page is not None:
+        with contextlib.suppress(Exception):
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            path = ARTIFACTS / f"{_stem(item.name)}-failed.png"
+            page.screenshot(path=str(path))
+            report.sections.append(("failure screenshot", str(path)))
+            print(f"\nfailure screenshot: {path}")
+    return report
+
+
 @pytest.fixture
 def page(browser, lab):
-    """A fresh context (no state from other tests) and page, 1280x900, 127.0.0.1 only."""
+    """A fresh context (no state from other tests) and page, 1280x900, 127.0.0.1 only (other
+    requests are aborted and listed in page.blocked_requests)."""
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
     context.set_default_timeout(30_000)
     blocked: list[str] = []
@@ -237,7 +256,13 @@ def page(browser, lab):
     page = context.new_page()
     page.blocked_requests = blocked
     yield page
+    if blocked:
+        print(f"\nblocked non-local requests: {blocked}")
     context.close()
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
 @pytest.fixture
@@ -245,10 +270,10 @@ def shot(page, request):
     """shot(name) -> Path: a PNG of the page in tests/artifacts/ (git-ignored)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    def take(name: str | None = None, **kwargs) -> Path:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or request.node.name).strip("-")
-        path = ARTIFACTS / f"{stem}.png"
-        page.screenshot(path=str(path), **kwargs)
+    def take(name: str | None = None, target=None, **kwargs) -> Path:
+        """The page as shown (1280x900), or only `target` (a locator) when given."""
+        path = ARTIFACTS / f"{_stem(name or request.node.name)}.png"
+        (target or page).screenshot(path=str(path), **kwargs)
         return path
 
     return take
@@ -274,6 +299,28 @@ def write_notebook(path: Path, cells: list[str]) -> Path:
     return path
 
 
+# JS: the current notebook's kernel as the app sees it (window.jupyterapp: expose_app_in_browser).
+_KERNEL_JS = """() => {
+    const app = window.jupyterapp;
+    const w = app && app.shell.currentWidget;
+    const ctx = w && w.sessionContext;
+    const k = ctx && ctx.session && ctx.session.kernel;
+    return {
+        app: !!app,
+        ready: !!(ctx && ctx.isReady),
+        connection: k ? k.connectionStatus : null,
+        status: k ? k.status : null,
+    };
+}"""
+# JS: the text of cell i's prompt in the visible notebook.
+_PROMPT_JS = """([panelSel, i]) => {
+    const cell = document.querySelectorAll(panelSel + ' .jp-Notebook .jp-Cell')[i];
+    const p = cell && cell.querySelector('.jp-InputArea-prompt');
+    return p ? p.textContent : null;
+}"""
+_PANEL_SEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+
+
 class LabNotebook:
     """An open notebook in the lab page."""
 
@@ -281,7 +328,7 @@ class LabNotebook:
         self.page = page
         self.lab = lab
         self.path = path
-        self.panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
+        self.panel = page.locator(_PANEL_SEL).first
 
     # -- locators
     def cell(self, index: int):
@@ -292,61 +339,89 @@ class LabNotebook:
         return self.cell(index).locator(".jp-OutputArea")
 
     def prompt(self, index: int) -> str:
-        return (self.cell(index).locator(".jp-InputArea-prompt").inner_text() or "").strip()
+        return (self.page.evaluate(_PROMPT_JS, [_PANEL_SEL, index]) or "").strip()
 
     # -- kernel
     def kernel_status(self) -> str:
-        """What the notebook toolbar's kernel indicator says ('' until it is there)."""
+        """What the notebook toolbar's kernel indicator shows ('' until it is there)."""
         ind = self.panel.locator(".jp-Notebook-ExecutionIndicator")
         if ind.count():
             return ind.first.get_attribute("data-status") or ""
         return ""
 
+    def kernel(self) -> dict:
+        """The kernel as the app sees it: ready, connection, status."""
+        return self.page.evaluate(_KERNEL_JS)
+
+    def _idle(self) -> bool:
+        k = self.kernel()
+        if k["app"] and not (k["ready"] and k["connection"] == "connected" and k["status"] == "idle"):
+            return False
+        return self.kernel_status() == "idle"
+
     def wait_idle(self, timeout: float = KERNEL_IDLE_TIMEOUT) -> None:
-        """Until the kernel is idle and reported idle for a moment (a run whose cells were just
-        sent may show idle between them)."""
+        """Until the kernel is connected and idle, both in the app and on the toolbar's indicator,
+        for 0.5 s in a row (a kernel that just started or just ran a cell flickers).
+
+        Note: while a %%lepton cell blocks, the kernel can still report idle between the widget
+        events the panel handles: wait for the cell's prompt ([N]) first (wait_done)."""
         deadline = time.monotonic() + timeout
         idle_since = None
         while time.monotonic() < deadline:
-            if self.kernel_status() == "idle":
+            if self._idle():
                 idle_since = idle_since or time.monotonic()
-                if time.monotonic() - idle_since >= 0.3:
+                if time.monotonic() - idle_since >= 0.5:
                     return
             else:
                 idle_since = None
             self.page.wait_for_timeout(100)
-        raise AssertionError(f"kernel not idle after {timeout:.0f} s (status {self.kernel_status()!r})\n"
-                             f"lab log:\n{self.lab.log_tail()}")
+        raise AssertionError(f"kernel not idle after {timeout:.0f} s (app: {self.kernel()}, "
+                             f"indicator: {self.kernel_status()!r})\nlab log:\n{self.lab.log_tail()}")
 
     # -- running
+    def _wait_prompt(self, index: int, pattern: str, timeout: float) -> bool:
+        try:
+            self.page.wait_for_function(
+                """([panelSel, i, pattern]) => {
+                    const cell = document.querySelectorAll(panelSel + ' .jp-Notebook .jp-Cell')[i];
+                    const p = cell && cell.querySelector('.jp-InputArea-prompt');
+                    return p && new RegExp(pattern).test(p.textContent);
+                }""",
+                arg=[_PANEL_SEL, index, pattern],
+                timeout=timeout * 1000,
+            )
+            return True
+        except Exception as e:  # playwright's TimeoutError
+            if type(e).__name__ != "TimeoutError":
+                raise
+            return False
+
     def run(self, index: int) -> None:
         """Run cell `index` as a person does: click into its editor and press Shift+Enter.
-        Returns as soon as the cell is queued (its prompt shows [*])."""
+        Returns as soon as the cell is queued or running (its prompt shows [*] or [N]).
+
+        JupyterLab marks a cell [*] before it sends it; a cell still [ ] after a few seconds was
+        never sent (seen about 1 run in 5 right after a notebook opened, with an idle kernel), so
+        it is sent again, with Ctrl+Enter (run in place) this time."""
         cell = self.cell(index)
-        cell.scroll_into_view_if_needed()
-        cell.locator(".jp-InputArea-editor").click()
-        self.page.keyboard.press("Shift+Enter")
-        self.page.wait_for_function(
-            """([panelSel, i]) => {
-                const cell = document.querySelectorAll(panelSel + ' .jp-Notebook .jp-Cell')[i];
-                const p = cell && cell.querySelector('.jp-InputArea-prompt');
-                return p && /\\[(\\*|\\d+)\\]/.test(p.textContent);
-            }""",
-            arg=[".jp-NotebookPanel:not(.lm-mod-hidden)", index],
-            timeout=15_000,
-        )
+        for attempt, keys in enumerate(("Shift+Enter", "Control+Enter", "Control+Enter")):
+            cell.scroll_into_view_if_needed()
+            cell.locator(".jp-InputArea-editor").click()
+            self.page.locator(_PANEL_SEL + " .jp-Cell.jp-mod-active .cm-editor.cm-focused").first.wait_for(
+                state="attached", timeout=5_000)
+            self.page.keyboard.press(keys)
+            if self._wait_prompt(index, r"\[(\*|\d+)\]", 5):
+                return
+            prompt = self.prompt(index)
+            if prompt.strip(" :") not in ("[ ]", "[]", ""):
+                break  # something else: do not risk running it twice
+            print(f"cell {index} was not sent after {keys} (prompt {prompt!r}, kernel {self.kernel()}): again")
+        raise AssertionError(f"cell {index} did not start: prompt {self.prompt(index)!r}, kernel {self.kernel()}")
 
     def wait_done(self, index: int, timeout: float = 120.0) -> int:
         """Until cell `index` has finished (its prompt shows [N]); returns N."""
-        self.page.wait_for_function(
-            """([panelSel, i]) => {
-                const cell = document.querySelectorAll(panelSel + ' .jp-Notebook .jp-Cell')[i];
-                const p = cell && cell.querySelector('.jp-InputArea-prompt');
-                return p && /\\[\\d+\\]/.test(p.textContent);
-            }""",
-            arg=[".jp-NotebookPanel:not(.lm-mod-hidden)", index],
-            timeout=timeout * 1000,
-        )
+        if not self._wait_prompt(index, r"\[\d+\]", timeout):
+            raise AssertionError(f"cell {index} not done after {timeout:.0f} s: prompt {self.prompt(index)!r}")
         return int(re.search(r"\[(\d+)\]", self.prompt(index)).group(1))
 
     def run_and_wait(self, index: int, timeout: float = 120.0) -> int:

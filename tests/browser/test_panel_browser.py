@@ -1,6 +1,6 @@
 """The %%lepton panel as a person sees it: JupyterLab in headless Chromium, real workers.
 
-Run with:  python -m pytest -p no:cacheprovider -o addopts="" tests/browser -m browser -v
+Run with:  python -m pytest tests/browser -m browser -v -s
 (see tests/browser/conftest.py for the fixtures; scripts/ci_browser_deps.sh installs chromium,
 jupyterlab and playwright).
 
@@ -74,8 +74,7 @@ def test_lab_runs_a_cell(notebook, lab, shot, page):
     path = shot("lab_runs_a_cell")
     print(f"\nlab start {lab.started_in:.1f} s; notebook open + kernel idle {opened:.1f} s; "
           f"run {time.monotonic() - t0 - opened:.1f} s; screenshot {path}")
-    if page.blocked_requests:
-        print("blocked non-local requests:", page.blocked_requests)
+    assert not page.blocked_requests, f"the lab page asked for non-local URLs: {page.blocked_requests}"
 
 
 @pytest.mark.timeout(300)
@@ -121,6 +120,9 @@ def test_panel_shows_a_run_to_its_end(notebook, shot, page):
     static = page.evaluate(STATIC_IMGS_JS, [NB_PANEL, 1])
     assert static, "no static PNG output outside .lepton-panel after the run"
     assert any(s.startswith("data:image/png") for s in static), f"output imgs outside the panel: {static}"
+    last = nb.output(1).locator("img").last
+    last.scroll_into_view_if_needed()
+    print(f"static PNG: {shot('panel_short_run_static')}")
 
 
 @pytest.mark.timeout(300)
