@@ -308,7 +308,8 @@ _panel.RunPanel.update = _timed_update
 """
 FRAMES = "import json as _json; print(_json.dumps(_bench_frames)); _bench_frames.clear()"
 # The reference: the same cell with the text progress line instead of the panel.
-NO_PANEL = "import lepton_magic.ui.live as _live; _live.widgets_available = lambda shell: False"
+NO_PANEL = ("import lepton_magic.ui.live as _live; _live.widgets_available = lambda shell: False; "
+            "get_ipython().input_transformers_post.remove(_live.await_lepton_cells)")
 
 
 def cell_output(kc, code: str) -> str:
