@@ -154,3 +154,13 @@ def test_a_live_view_takes_new_points_from_the_writer_not_the_database(recorded,
     store.update_run(seq, status="succeeded", ended=time.time())
     view.refresh()
     assert not store._listeners  # a finished run is no longer followed
+
+
+def test_pool_panel_lists_the_nodes(ip):
+    import lepton_magic as lm
+    from lepton_magic.ui.panel import PoolPanel
+
+    lm.session().up(nodes=2)
+    p = PoolPanel(lm.session())
+    p.update()
+    assert p.table.value.count('class="lepton-node-row"') >= 2 and "ready" in p.table.value
