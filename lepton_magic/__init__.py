@@ -21,6 +21,14 @@ from .run import Run  # noqa: E402
 from .session import Session, default_session  # noqa: E402
 
 
+def _jupyter_server_extension_points() -> list[dict]:
+    return [{"module": "lepton_magic.server"}]
+
+
+def _jupyter_labextension_paths() -> list[dict]:
+    return [{"src": "labextension", "dest": "lepton-magic"}]
+
+
 def session() -> Session:
     """The session of this process (the one the magics use)."""
     return default_session()

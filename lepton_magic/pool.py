@@ -170,6 +170,19 @@ class Pool:
                 self.store.add_event("idle_release", {"idle_seconds": idle_for}, pool=self.id)
                 self.down()
 
+    def release_node(self, name: str) -> str:
+        """Stop one idle node; says what happened."""
+        with self._lock:
+            link = next((n for n in self.nodes if n.name == name and n.alive), None)
+            if link is None:
+                return f"no live node {name} in pool {self.id}"
+            if name in self.busy:
+                return f"{name} is busy with run {self.busy[name]}: cancel it first"
+            self.nodes.remove(link)
+        self.backend.stop_node(link)
+        self.store.upsert_node(self.id, name, status="released")
+        return f"released {name}"
+
     def down(self) -> None:
         """Cancel whatever still runs, stop every agent, and mark the pool released."""
         with self._lock:

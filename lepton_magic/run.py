@@ -192,8 +192,6 @@ def _owner_gone(row: dict) -> bool:
 
     if row["owner_host"] != socket.gethostname() or not row["owner_pid"]:
         return False
-    if row["owner_pid"] == os.getpid():
-        return True  # ours, yet no live run in this process holds it: lost with an earlier session
     try:
         os.kill(row["owner_pid"], 0)
         return False

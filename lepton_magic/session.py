@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import os
 import secrets
 import threading
+import time
 from typing import Any, Callable
 
 from . import cellcode, values
@@ -27,6 +29,8 @@ class Session:
         self.last_seq: int | None = None
         self._last_live: LiveRun | None = None  # kept, so lm.last_run() stays cheap
         self._to_bind: list[tuple[dict, dict]] = []
+        self._poller: threading.Thread | None = None
+        self._closed = False
         self._lock = threading.RLock()
         atexit.register(self.close)
 
@@ -46,6 +50,7 @@ class Session:
                 merged.update({k: v for k, v in settings.items() if v is not None})
                 pool = Pool(self.store, backend, merged)
                 self.pools[backend] = pool
+                self._start_command_poller()
             else:
                 pool.settings.update({k: v for k, v in settings.items() if v is not None})
         pool.ensure(nodes)
@@ -63,10 +68,51 @@ class Session:
         return stopped
 
     def close(self) -> None:
+        self._closed = True
         try:
             self.down()
         except Exception:
             pass
+
+    # --- commands from other processes -----------------------------------------------------------
+    def _start_command_poller(self) -> None:
+        """Actions taken elsewhere (the JupyterLab sidebar) arrive as rows in the store's command
+        table, addressed to this process; a thread takes them within COMMAND_POLL_SECONDS.
+        Polling the store needs no port, no socket file and no registry: the store is shared
+        by every kernel and the server already, and a command outlives a busy kernel."""
+        if self._poller is not None:
+            return
+        self._poller = threading.Thread(target=self._poll_commands, daemon=True, name="lepton-commands")
+        self._poller.start()
+
+    def _poll_commands(self) -> None:
+        while not self._closed:
+            time.sleep(COMMAND_POLL_SECONDS)
+            try:
+                with self._lock:
+                    targets = list(self.live) + [p.id for p in self.pools.values() if not p.closed]
+                for command in self.store.take_commands(os.getpid(), targets):
+                    self.store.finish_command(command["id"], self._execute(command))
+            except Exception:  # a locked or closed store: try again next time
+                continue
+
+    def _execute(self, command: dict) -> str:
+        action, target = command["action"], command["target"]
+        if action == "cancel_run":
+            live = self.live.get(target)
+            if live is None:
+                return f"run {target} is not running here"
+            live.cancel(reason="cancelled from the sidebar")
+            return f"cancelling {live.name}"
+        pool = next((p for p in self.pools.values() if p.id == target and not p.closed), None)
+        if pool is None:
+            return f"pool {target} is not up here"
+        if action == "release_pool":
+            self.down(pool.backend_name)
+            return f"released pool {target}"
+        if action == "release_node":
+            return pool.release_node(command["node"])
+        return f"unknown action {action!r}"
 
     # --- runs ------------------------------------------------------------------------------
     def submit(
@@ -238,6 +284,9 @@ def _pickle_inputs(namespace: dict, names: list[str]) -> bytes | None:
             ) from None
     raise LeptonError(f"cannot send the inputs {', '.join(names)} together; try fewer with --in")
 
+
+#: How often a session looks for commands from the sidebar (actions take effect within 1 s).
+COMMAND_POLL_SECONDS = 0.25
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset})
 

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY, run INTEGER NOT NULL, rank INTEGER, stream TEXT, time REAL, line TEXT
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY, action TEXT NOT NULL, target TEXT NOT NULL, node TEXT,
+    owner_pid INTEGER, owner_host TEXT, created REAL NOT NULL, taken REAL, done REAL, result TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_open ON commands (owner_pid, done);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, run INTEGER, pool TEXT, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT
 );
@@ -193,6 +198,41 @@ class Store:
 
     def set_run_node_status(self, seq: int, node: str, status: str) -> None:
         self.write([self.run_node_status(seq, node, status)])
+
+    # --- commands: actions from other processes (the sidebar) for the process that owns a run --
+    def add_command(self, action: str, target: str, owner_pid: int, owner_host: str, node: str | None = None) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                command = self._db.execute(
+                    "INSERT INTO commands (action, target, node, owner_pid, owner_host, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (action, target, node, owner_pid, owner_host, time.time()),
+                ).lastrowid
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return command
+
+    def take_commands(self, owner_pid: int, targets: list[str]) -> list[dict]:
+        """The open commands for these pools and runs of this process, marked as taken (each is
+        handed out once, to the session that owns its target)."""
+        if not targets:
+            return []
+        marks = ",".join("?" for _ in targets)
+        with self._lock:
+            rows = self.query(
+                "SELECT id, action, target, node FROM commands WHERE owner_pid=? AND owner_host=? "
+                f"AND taken IS NULL AND target IN ({marks})",
+                (owner_pid, _host(), *targets),
+            )
+            if rows:
+                now = time.time()
+                self.write([("UPDATE commands SET taken=? WHERE id=?", (now, r["id"])) for r in rows])
+        return rows
+
+    def finish_command(self, command: int, result: str) -> None:
+        self.write([("UPDATE commands SET done=?, result=? WHERE id=?", (time.time(), result, command))])
 
     # --- streams ---------------------------------------------------------------------------
     def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:

@@ -1,0 +1,165 @@
+"""What the sidebar asks for, answered from the store; actions become commands for the kernel
+that owns the pool or run (see ``Session._poll_commands``)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from ..run import Run, _owner_gone
+from ..store import TERMINAL, Store
+from ..ui.downsample import minmax
+from ..ui.model import RunView
+
+SPARK_POINTS = 40
+CURVE_BUCKETS = 200  # ≤ 400 points per line
+LOG_LINES = 50
+#: Run views kept between requests (each holds a run's curves in memory).
+CACHED_VIEWS = 64
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class LeptonManager:
+    def __init__(self, store: Store):
+        self.store = store
+        self._views: OrderedDict[int, RunView] = OrderedDict()
+
+    # --- reads -----------------------------------------------------------------------------
+    def pools(self, include_down: bool = False) -> list[dict]:
+        sql = "SELECT * FROM pools" + ("" if include_down else " WHERE status='up'") + " ORDER BY created DESC"
+        out = []
+        now = time.time()
+        for pool in self.store.query(sql):
+            if pool["status"] == "up" and _owner_gone(pool):
+                self.store.end_pool(pool["id"])  # its kernel died, and its nodes with it
+                if not include_down:
+                    continue
+                pool["status"] = "down"
+            nodes = self.store.query("SELECT * FROM nodes WHERE pool=? ORDER BY node", (pool["id"],))
+            live = [n for n in nodes if n["status"] not in ("released", "lost")]
+            settings = json.loads(pool["settings"] or "{}")
+            idle_timeout = settings.get("idle_timeout")
+            active = self.store.execute(
+                "SELECT COUNT(*), MAX(ended) FROM runs WHERE pool=? AND status IN ('queued','starting','running')",
+                (pool["id"],),
+            )[0][0]
+            last_end = self.store.execute("SELECT MAX(ended) FROM runs WHERE pool=?", (pool["id"],))[0][0]
+            idle_since = max(x for x in (last_end, pool["created"]) if x is not None)
+            remaining = None
+            if idle_timeout and not active and pool["status"] == "up":
+                remaining = max(0.0, idle_timeout - (now - idle_since))
+            out.append({
+                "id": pool["id"], "backend": pool["backend"], "status": pool["status"],
+                "nodes_ready": sum(1 for n in live if n["status"] == "ready"), "nodes_total": len(live),
+                "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": None, "cost_so_far": None,
+                "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
+                "nodes": [{
+                    "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
+                    "gpu_name": n["gpu_name"], "cpu_percent": n["cpu_percent"], "mem_used": n["mem_used"],
+                    "last_seen_ago": (now - n["last_seen"]) if n["last_seen"] else None,
+                } for n in nodes],
+            })
+        return out
+
+    def runs(self, limit: int = 50) -> list[dict]:
+        rows = self.store.query("SELECT * FROM runs ORDER BY seq DESC LIMIT ?", (limit,))
+        return [self._summary(row) for row in rows]
+
+    def run(self, key: str) -> dict:
+        row = self.store.run_row(key)
+        if row is None:
+            raise NotFound(f"no run {key!r}")
+        out = self._summary(row)
+        view = self._view(row["seq"])
+        out["nodes"] = [{"node": n.node, "host": n.host, "ranks": n.ranks, "gpus": n.gpus,
+                         "gpu_name": n.gpu_name, "status": n.status} for n in view.nodes]
+        out["curves"] = {
+            name: {str(rank): _pairs(*minmax(s.x, s.y, CURVE_BUCKETS)) for rank, s in per_rank.items()}
+            for name, per_rank in view.series.items()
+        }
+        out["logs"] = {str(rank): list(lines)[-LOG_LINES:] for rank, lines in view.tails.items()}
+        return out
+
+    def _summary(self, row: dict) -> dict:
+        status = Run(self.store, row["seq"]).status if row["status"] not in TERMINAL else row["status"]
+        view = self._view(row["seq"])
+        metric = "loss" if "loss" in view.series else (view.metric_names[0] if view.metric_names else None)
+        spark: list = []
+        if metric is not None and 0 in view.series[metric]:
+            s = view.series[metric][0]
+            spark = _spark(s.y)
+        now = time.time()
+        error = json.loads(row["error"])["message"] if row["error"] else None
+        return {
+            "id": row["id"], "name": row["name"], "status": status, "backend": row["backend"],
+            "world_size": row["world_size"], "nodes": row["nodes"], "created": row["created"],
+            "started": row["started"], "ended": row["ended"],
+            "duration": ((row["ended"] or now) - row["started"]) if row["started"] else None,
+            "last_step": view.header.step if view.header else None, "sparkline": spark, "metric": metric,
+            "owner_pid": row["owner_pid"], "error": error,
+        }
+
+    def _view(self, seq: int) -> RunView:
+        view = self._views.pop(seq, None) or RunView(self.store, seq)
+        if not view.finished:
+            view.refresh()
+        self._views[seq] = view
+        while len(self._views) > CACHED_VIEWS:
+            self._views.popitem(last=False)
+        return view
+
+    # --- actions ---------------------------------------------------------------------------
+    def cancel_run(self, key: str) -> int:
+        row = self.store.run_row(key)
+        if row is None:
+            raise NotFound(f"no run {key!r}")
+        if Run(self.store, row["seq"]).status in TERMINAL:
+            raise Conflict(f"{row['name']} has already ended")
+        return self._command("cancel_run", row["id"], row)
+
+    def release_pool(self, pool_id: str, node: str | None = None) -> int:
+        rows = self.store.query("SELECT * FROM pools WHERE id=?", (pool_id,))
+        if not rows:
+            raise NotFound(f"no pool {pool_id!r}")
+        pool = rows[0]
+        if pool["status"] != "up" or _owner_gone(pool):
+            raise Conflict(f"pool {pool_id} is not up")
+        if node is not None and not self.store.query("SELECT 1 FROM nodes WHERE pool=? AND node=?", (pool_id, node)):
+            raise NotFound(f"no node {node!r} in pool {pool_id}")
+        return self._command("release_node" if node else "release_pool", pool_id, pool, node)
+
+    def _command(self, action: str, target: str, owner: dict, node: str | None = None) -> int:
+        if owner["owner_host"] != socket.gethostname():
+            raise Conflict(f"it belongs to a kernel on {owner['owner_host']}")
+        return self.store.add_command(action, target, owner["owner_pid"], owner["owner_host"], node)
+
+    def command(self, command: int) -> dict:
+        rows = self.store.query("SELECT * FROM commands WHERE id=?", (command,))
+        if not rows:
+            raise NotFound(f"no command {command}")
+        return rows[0]
+
+
+def _spark(y: np.ndarray) -> list:
+    if not len(y):
+        return []
+    if len(y) > SPARK_POINTS:  # the mean of equal slices: the shape of the curve, small
+        edges = np.linspace(0, len(y), SPARK_POINTS + 1).astype(int)
+        y = np.array([np.nanmean(y[a:b]) if np.isfinite(y[a:b]).any() else np.nan for a, b in zip(edges, edges[1:])])
+    return [None if not np.isfinite(v) else round(float(v), 6) for v in y]
+
+
+def _pairs(x: np.ndarray, y: np.ndarray) -> list:
+    return [[int(a) if float(a).is_integer() else float(a), None if not np.isfinite(b) else float(b)]
+            for a, b in zip(x, y)]
