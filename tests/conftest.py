@@ -41,3 +41,9 @@ def run_cell(ip):
         return result, out.getvalue()
 
     return run
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Browser tests last: Playwright's sync API keeps an event loop running in the main
+    thread until the end of the session, which tests that run their own loop cannot share."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

@@ -81,8 +81,12 @@ def test_idle_pool_is_released(tmp_path):
     agent = pool.live_nodes[0].facts["pid"]
     assert not wait_gone([agent], 8.0)
     assert pool.closed
-    rows = session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))
-    assert rows[0]["status"] == "down"
+    deadline = time.monotonic() + 5  # the store is told just after the last agent is gone
+    while time.monotonic() < deadline:
+        if session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))[0]["status"] == "down":
+            break
+        time.sleep(0.05)
+    assert session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))[0]["status"] == "down"
 
 
 KERNEL = textwrap.dedent(
