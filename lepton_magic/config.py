@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from .errors import LeptonError
 
-BACKENDS = ("local",)
-PLANNED_BACKENDS = ("ssh", "ec2", "ray")
+BACKENDS = ("local", "ssh")
+PLANNED_BACKENDS = ("ec2", "ray")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -66,6 +66,20 @@ class ConfigError(LeptonError, ValueError):
     """A setting in the config file or the environment is not valid."""
 
 
+def _parse_hosts(text: Any) -> str:
+    from .backends.ssh import parse_hosts
+
+    parse_hosts(str(text))  # raises ValueError with the accepted form
+    return str(text)
+
+
+def _parse_policy(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value not in ("strict", "accept-new"):
+        raise ValueError(f"expected strict or accept-new, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     default: Any
@@ -82,6 +96,11 @@ SETTINGS: dict[str, Setting] = {
     "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
     "preload": Setting("torch,numpy,pandas", str, "modules each node imports ahead of runs (comma-separated)"),
     "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
+    "ssh_hosts": Setting("", _parse_hosts, "ssh backend: user@host:port,... (node i runs on host i)"),
+    "ssh_key": Setting("", str, "ssh backend: private key file (default: your SSH agent and ~/.ssh keys)"),
+    "ssh_known_hosts": Setting("", str, "ssh backend: known_hosts file (default ~/.ssh/known_hosts)"),
+    "ssh_host_keys": Setting("strict", _parse_policy, "ssh backend: strict, or accept-new (trust on first use)"),
+    "ssh_python": Setting("python3", str, "ssh backend: the Python that runs the agent on the hosts"),
 }
 
 

@@ -5,5 +5,7 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[test]"
 # Debian's chromium for the browser tests (needs root; without it those tests skip, saying why).
 bash scripts/ci_browser_deps.sh || echo "test.sh: browser dependencies not installed; browser tests will skip"
+# OpenSSH's server for the ssh backend tests (same: root, or they skip).
+bash scripts/ci_ssh_deps.sh || echo "test.sh: sshd not installed; ssh tests will skip"
 export LEPTON_HOME="${LEPTON_HOME:-$(mktemp -d)}"
 python3 -m pytest -q "$@"

@@ -75,12 +75,15 @@ async def test_cancel_from_the_sidebar_reaches_the_kernel(jp_fetch):
 
 
 async def test_release_a_node_then_the_pool(jp_fetch):
-    session = lm.session()
+    from lepton_magic.session import Session
+
+    session = Session(store=lm.session().store)  # a pool no other test is using
     pool = session.up(nodes=2)
     node = pool.live_nodes[-1].name
     code, body = await post(jp_fetch, "pools", pool.id, "nodes", node, "release")
     assert code == 202
-    assert wait_for(lambda: node not in [n.name for n in pool.live_nodes])
+    assert wait_for(lambda: node not in [n.name for n in pool.live_nodes]), \
+        session.store.query("SELECT * FROM commands WHERE id=?", (body["command"],))
     code, _ = await post(jp_fetch, "pools", pool.id, "release")
     assert code == 202
     assert wait_for(lambda: pool.closed)

@@ -9,6 +9,10 @@ def create(name: str, settings: dict) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(settings)
+    if name == "ssh":
+        from .ssh import SSHBackend
+
+        return SSHBackend(settings)
     raise ValueError(f"unknown backend {name!r}")
 
 

@@ -1,0 +1,211 @@
+"""SSH hosts as nodes, reached with asyncssh.
+
+Each node is an agent started over SSH on a configured host (``user@host:port``, a key file).
+Host keys are checked against known_hosts; an unknown key is refused unless the user chose
+``ssh_host_keys=accept-new`` (a changed key is always refused). The node needs Python and, for
+torch cells, torch: this package travels as one zip, cached on the host by content hash.
+
+The agent's stdin and stdout are bridged to local socket pairs, so everything above this module
+(NodeLink, protocol, store, panel) is the same as for local nodes. Closing our end of stdin is
+the agent's dead-man switch here too: sshd passes the EOF on, and the agent kills its ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import hashlib
+import io
+import os
+import socket
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LeptonError
+from .base import Backend, NodeLink, OnLost, OnMessage
+
+CONNECT_TIMEOUT = 20.0
+REMOTE_CACHE = ".cache/lepton_magic"
+
+
+@dataclass(frozen=True)
+class Host:
+    user: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Host":
+        """``user@host:port``; user defaults to the local user, port to 22."""
+        raw = text.strip()
+        user, _, rest = raw.rpartition("@")
+        host, _, port = rest.partition(":")
+        if not host or (port and not port.isdigit()):
+            raise ValueError(f"an SSH host looks like user@host:port, got {text!r}")
+        return cls(user or getpass.getuser(), host, int(port or 22))
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def parse_hosts(text: str) -> list[Host]:
+    return [Host.parse(h) for h in str(text).split(",") if h.strip()]
+
+
+def package_zip() -> tuple[bytes, str]:
+    """This package's Python files as one zip (importable from the zip), and its hash."""
+    root = Path(__file__).resolve().parents[1]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root.parent)
+            if "labextension" in rel.parts:
+                continue
+            info = zipfile.ZipInfo(str(rel), date_time=(2020, 1, 1, 0, 0, 0))  # same bytes, same hash
+            z.writestr(info, path.read_bytes())
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+class _Loop:
+    """One asyncio loop in a daemon thread for every SSH connection of the process."""
+
+    _instance: "_Loop | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="lepton-ssh").start()
+
+    @classmethod
+    def get(cls) -> "_Loop":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class SSHBackend(Backend):
+    name = "ssh"
+
+    def __init__(self, settings: dict):
+        super().__init__(settings)
+        hosts = settings.get("ssh_hosts") or ""
+        self.hosts = parse_hosts(hosts)
+        if not self.hosts:
+            raise LeptonError("the ssh backend needs hosts: %lepton config ssh_hosts=user@host:port,...")
+        self.key = settings.get("ssh_key") or None
+        self.known_hosts = settings.get("ssh_known_hosts") or str(Path.home() / ".ssh" / "known_hosts")
+        self.policy = settings.get("ssh_host_keys") or "strict"
+        self.python = settings.get("ssh_python") or "python3"
+        self._nodes: dict[str, tuple] = {}  # name -> (connection, process, host, our sockets)
+        self.uploaded_bytes = 0  # agent package bytes sent (0 when every host had it cached)
+        self._loop = _Loop.get()
+
+    # --- nodes -----------------------------------------------------------------------------
+    def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
+                    log_dir: str) -> list[NodeLink]:
+        links = []
+        for name in names:
+            index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self._nodes)
+            host = self.hosts[index % len(self.hosts)]
+            links.append(self._loop.run(self._start(name, host, secret, on_message, on_lost, log_dir),
+                                        CONNECT_TIMEOUT * 3))
+        return links
+
+    async def _start(self, name: str, host: Host, secret: bytes, on_message: OnMessage, on_lost: OnLost,
+                     log_dir: str) -> NodeLink:
+        conn = await self._connect(host)
+        remote_zip = await self._ensure_package(conn)
+        stdin_ours, stdin_theirs = socket.socketpair()
+        stdout_ours, stdout_theirs = socket.socketpair()
+        command = (f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
+                   f"exec {self.python} -m lepton_magic.agent --node {name}")
+        process = await conn.create_process(
+            command, stdin=stdin_theirs, stdout=stdout_theirs,
+            stderr=os.path.join(log_dir, f"agent-{name}.log"), encoding=None,
+        )
+        stdin_theirs.close()
+        stdout_theirs.close()
+        self._nodes[name] = (conn, process, host, stdin_ours, stdout_ours)
+        return NodeLink(name, stdin_ours.fileno(), stdout_ours.fileno(), secret, on_message, on_lost)
+
+    async def _connect(self, host: Host):
+        import asyncssh
+
+        options = dict(host=host.host, port=host.port, username=host.user,
+                       client_keys=[self.key] if self.key else None, connect_timeout=CONNECT_TIMEOUT)
+        try:
+            return await asyncssh.connect(known_hosts=self.known_hosts if os.path.exists(self.known_hosts)
+                                          else (), **options)
+        except asyncssh.HostKeyNotVerifiable:
+            if self.policy != "accept-new" or self._is_known(host):
+                what = "changed" if self._is_known(host) else "not in"
+                hint = ("it CHANGED: remove the old entry only if you know why"
+                        if what == "changed" else
+                        f"add it with `ssh-keyscan -p {host.port} {host.host} >> {self.known_hosts}`, "
+                        "or trust new hosts on first use: %lepton config ssh_host_keys=accept-new")
+                raise LeptonError(f"the host key of {host} is {what} {self.known_hosts}; {hint}") from None
+            conn = await asyncssh.connect(known_hosts=None, **options)
+            self._remember(host, conn.get_server_host_key())
+            return conn
+        except (OSError, asyncssh.Error) as e:
+            raise LeptonError(f"cannot reach {host} over SSH: {e}") from None
+
+    def _is_known(self, host: Host) -> bool:
+        import asyncssh
+
+        if not os.path.exists(self.known_hosts):
+            return False
+        trusted = asyncssh.read_known_hosts(self.known_hosts).match(host.host, "", host.port)[0]
+        return bool(trusted)
+
+    def _remember(self, host: Host, key) -> None:
+        name = host.host if host.port == 22 else f"[{host.host}]:{host.port}"
+        Path(self.known_hosts).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.known_hosts, "a") as f:
+            f.write(f"{name} {key.export_public_key().decode().strip()}\n")
+
+    async def _ensure_package(self, conn) -> str:
+        """Upload this package's zip unless the host has it already (named by content hash).
+        Plain shell over the exec channel: no SFTP subsystem needed on the host."""
+        data, digest = package_zip()
+        remote = f"$HOME/{REMOTE_CACHE}/lepton_magic-{digest}.zip"
+        check = await conn.run(f'test -f "{remote}" && echo cached', encoding=None)
+        if check.stdout.strip() != b"cached":
+            sent = await conn.run(
+                f'mkdir -p "$HOME/{REMOTE_CACHE}" && cat > "{remote}.$$" && mv "{remote}.$$" "{remote}"',
+                input=data, encoding=None,
+            )
+            if sent.exit_status != 0:
+                raise LeptonError(f"could not copy the agent to the host: {sent.stderr.decode(errors='replace')}")
+            self.uploaded_bytes += len(data)
+        return remote
+
+    def master_addr(self, link: NodeLink) -> str:
+        return self._nodes[link.name][2].host
+
+    def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
+        entry = self._nodes.pop(link.name, None)
+        if entry is None:
+            return
+        conn, process, _host, stdin_ours, stdout_ours = entry
+        link.send({"t": "shutdown"})
+        stdin_ours.close()  # EOF: the agent kills its ranks and exits
+
+        async def finish():
+            try:
+                await asyncio.wait_for(process.wait_closed(), wait)
+            except (asyncio.TimeoutError, Exception):
+                process.terminate()  # SIGTERM over the channel (OpenSSH 9 honours it)
+            conn.close()
+
+        try:
+            self._loop.run(finish(), wait + 5)
+        finally:
+            stdout_ours.close()
