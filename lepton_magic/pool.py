@@ -117,11 +117,14 @@ class Pool:
             self._run_ids.append(run.id)
 
     def release(self, run: "LiveRun") -> None:
+        self.release_run(run.id)
+
+    def release_run(self, run_id: str) -> None:
         with self._lock:
             for name, owner in list(self.busy.items()):
-                if owner == run.id:
+                if owner == run_id:
                     del self.busy[name]
-            self.runs.pop(run.id, None)
+            self.runs.pop(run_id, None)
             self._last_active = time.monotonic()
 
     # --- messages from agents ---------------------------------------------------------------

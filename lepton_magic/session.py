@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import cellcode, values
+from . import cellcode, compat, values
 from .config import Config
 from .errors import LeptonError
 from .liverun import LiveRun
@@ -176,7 +176,10 @@ class Session:
             callbacks.append(on_done)
         try:
             links = pool.acquire(nodes, run_id)
+            compat.check(links, needs_torch=not light, gpus=gpus, local=backend == "local")
         except LeptonError as e:
+            if "links" in locals():
+                pool.release_run(run_id)
             self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
             raise
         live = LiveRun(

@@ -170,3 +170,30 @@ def _wait_no_agents(marker: str, timeout: float) -> list[int]:
             return []
         time.sleep(0.2)
     return _agents(marker)
+
+
+def test_an_incompatible_node_fails_in_seconds_with_a_table(sshd, tmp_path):
+    from lepton_magic import compat
+
+    session = ssh_session(sshd, tmp_path, nodes=2)
+    try:
+        pool = session.up(nodes=2)
+        pool.live_nodes[1].facts["python"] = "3.8.10"  # as a host with an older Python reports it
+        pool.live_nodes[1].facts["torch"] = None
+        t0 = time.monotonic()
+        with pytest.raises(LeptonError) as info:
+            session.submit("import torch\nx = torch.ones(1)\n", {}, nodes=2)
+        assert time.monotonic() - t0 < 5
+        text = str(info.value)
+        assert "1 of 2 node(s) cannot run this cell" in text and "ssh-1" in text and "ssh-0" not in text
+        assert "Python 3.8 there" in text and "no torch installed" in text
+        assert not pool.busy  # the nodes are free again
+        with pytest.raises(LeptonError) as info:  # a cell without torch: only Python is in the way
+            session.submit("y = 2", {}, nodes=2)
+        assert "Python 3.8 there" in str(info.value) and "torch" not in str(info.value).split("problem")[1]
+        pool.live_nodes[1].facts["disk_free"] = compat.MIN_DISK_FREE // 2
+        pool.live_nodes[1].facts["python"] = pool.live_nodes[0].facts["python"]
+        with pytest.raises(LeptonError, match="0.5 GiB free on disk"):
+            session.submit("y = 2", {}, nodes=2)
+    finally:
+        session.down()

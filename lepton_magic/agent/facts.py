@@ -48,6 +48,16 @@ def gpus() -> list[dict]:
     return out
 
 
+def _torch_version() -> str | None:
+    """torch's version without importing it (seconds): from its installed metadata."""
+    try:
+        from importlib.metadata import version
+
+        return version("torch")
+    except Exception:
+        return None
+
+
 def node_facts(node: str) -> dict:
     vm = psutil.virtual_memory()
     return {
@@ -58,6 +68,8 @@ def node_facts(node: str) -> dict:
         "memory": int(vm.total),
         "gpus": gpus(),
         "python": platform.python_version(),
+        "torch": _torch_version(),
+        "disk_free": int(psutil.disk_usage(os.path.expanduser("~")).free),
         "executable": sys.executable,
         "platform": platform.platform(),
         "time": time.time(),

@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any, Callable
 
 from .. import values
+from . import network
 
 _now = time.time
 _STEP_MIN, _STEP_MAX = -(2**63), 2**63 - 1  # what SQLite's INTEGER holds
@@ -229,5 +230,7 @@ def environ_for(job: dict, local_rank: int) -> dict[str, str]:
     }
     if job.get("threads"):  # as torchrun does: cores shared out among the ranks of a machine
         env["OMP_NUM_THREADS"] = str(job["threads"])
-    env.update(job.get("env") or {})
+    user = job.get("env") or {}
+    env.update(network.socket_env(job["master_addr"], user))
+    env.update(user)
     return env

@@ -1,0 +1,61 @@
+"""Which network interface a rank should use to reach rank 0.
+
+gloo (and nccl) pick an interface from the host name and, across machines, often pick one
+the other side cannot reach (127.0.0.1 in the classic case). Naming the interface that routes
+to MASTER_ADDR avoids it: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import psutil
+
+
+def interface_for(address: str) -> str | None:
+    """The interface this machine uses to reach ``address`` (the one holding it, if local)."""
+    try:
+        ip = ipaddress.ip_address(socket.gethostbyname(address))
+    except (OSError, ValueError):
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET and a.address == str(ip):
+                return name
+    return _route(ip)
+
+
+def _route(ip: ipaddress.IPv4Address) -> str | None:
+    """Longest-prefix match in /proc/net/route (Linux), without running `ip route get`."""
+    best: tuple[int, str] | None = None
+    try:
+        with open("/proc/net/route") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                iface, dest, mask = fields[0], int(fields[1], 16), int(fields[7], 16)
+                dest_ip = struct.unpack("<I", struct.pack("<I", dest))[0]
+                net = ipaddress.ip_address(socket.inet_ntoa(struct.pack("<I", dest_ip)))
+                netmask = ipaddress.ip_address(socket.inet_ntoa(struct.pack("<I", mask)))
+                if int(ip) & int(netmask) == int(net):
+                    prefix = bin(int(netmask)).count("1")
+                    if best is None or prefix > best[0]:
+                        best = (prefix, iface)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return best[1] if best else None
+
+
+def socket_env(master_addr: str, env: dict[str, str]) -> dict[str, str]:
+    """GLOO/NCCL_SOCKET_IFNAME for a rank, unless rank 0 is on loopback or the user chose."""
+    if master_addr in ("127.0.0.1", "localhost", "::1"):
+        return {}
+    iface = interface_for(master_addr)
+    out = {}
+    if iface:
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if key not in env:
+                out[key] = iface
+    return out
