@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import fresh_home, quiet, start_ipyparallel
+from _common import fresh_home, start_ipyparallel
 
 
 def ipyparallel_datapub(points: int) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import fresh_home, quiet, ratio_line, start_ipyparallel, summary, timed
+from _common import fresh_home, ratio_line, start_ipyparallel, summary, timed
 
 MAKE = (
     "import numpy as np, pandas as pd\n"

@@ -105,7 +105,7 @@ class LiveRun:
         master_addr = self.pool.backend.master_addr(self.nodes[0])
         master_port = free_port() if master_addr in ("127.0.0.1", "localhost") else 29500 + self.seq % 10000
         writes = []
-        for node_rank, link, first, local in plan:
+        for _node_rank, link, first, local in plan:
             ranks = list(range(first, first + local))
             for r in ranks:
                 self._rank_node[r] = link.name

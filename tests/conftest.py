@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 # Before lepton_magic creates its default session: keep the tests' store apart from the user's.
 os.environ["LEPTON_HOME"] = tempfile.mkdtemp(prefix="lepton-test-home-")
 os.environ.setdefault("LEPTON_CONFIG", os.path.join(os.environ["LEPTON_HOME"], "no-config.toml"))
 
-import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 

@@ -9,7 +9,6 @@ import threading
 import time
 import _thread
 
-import pytest
 
 import lepton_magic as lm
 from lepton_magic import protocol

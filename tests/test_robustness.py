@@ -12,7 +12,6 @@ import lepton_magic as lm
 from lepton_magic.config import Config, ConfigError
 from lepton_magic.errors import LeptonError, RemoteError
 
-from procs import wait_gone
 
 
 def test_inputs_that_share_state_still_share_it(ip, run_cell):

@@ -16,7 +16,6 @@ from typing import Callable
 
 import ipywidgets as w
 
-from ..store import TERMINAL
 from .curves import CurvePlot
 from .model import HEARTBEAT_LATE_SECONDS, NodeRow, RunView
 
@@ -265,6 +264,3 @@ def widgets_available(shell) -> bool:
     """A kernel a Jupyter frontend talks to (widgets can render); terminals get text."""
     return type(shell).__name__ == "ZMQInteractiveShell"
 
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL
