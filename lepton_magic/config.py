@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from .errors import LeptonError
 
-BACKENDS = ("local", "ssh")
-PLANNED_BACKENDS = ("ec2", "ray")
+BACKENDS = ("local", "ssh", "ec2")
+PLANNED_BACKENDS = ("ray",)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -101,6 +101,15 @@ SETTINGS: dict[str, Setting] = {
     "ssh_known_hosts": Setting("", str, "ssh backend: known_hosts file (default ~/.ssh/known_hosts)"),
     "ssh_host_keys": Setting("strict", _parse_policy, "ssh backend: strict, or accept-new (trust on first use)"),
     "ssh_python": Setting("python3", str, "ssh backend: the Python that runs the agent on the hosts"),
+    "ec2_region": Setting("us-east-1", str, "ec2 backend: AWS region"),
+    "ec2_instance_type": Setting("g5.xlarge", str, "ec2 backend: instance type"),
+    "ec2_fallback_types": Setting("", str, "ec2 backend: types to try when AWS has no capacity (comma-separated)"),
+    "ec2_spot": Setting(False, _parse_bool, "ec2 backend: spot instances"),
+    "ec2_ami": Setting("", str, "ec2 backend: AMI (default: the Deep Learning AMI via SSM)"),
+    "ec2_ssh_user": Setting("ubuntu", str, "ec2 backend: SSH user of the AMI"),
+    "ec2_ssh_cidr": Setting("", str, "ec2 backend: who may SSH in (default: this machine's public /32)"),
+    "ec2_endpoint_url": Setting("", str, "ec2 backend: AWS endpoint (tests: a moto server)"),
+    "ec2_ssh_target": Setting("", str, "ec2 backend: reach every instance at this host:port (tests)"),
 }
 
 

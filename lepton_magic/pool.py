@@ -28,7 +28,7 @@ class Pool:
         self.id = f"p-{secrets.token_hex(4)}"
         self.store = store
         self.backend_name = backend
-        self.backend = backends.create(backend, settings)
+        self.backend = backends.create(backend, {**settings, "pool_id": self.id, "home": str(store.home)})
         self.settings = settings
         self.secret = new_secret()
         self.nodes: list[NodeLink] = []
@@ -201,6 +201,7 @@ class Pool:
             nodes = list(self.nodes)
         for link in nodes:
             self.backend.stop_node(link)
+        self.backend.close()
         shm = self.backend.shared_memory_dir()
         if shm:  # results no kernel mapped (a rank killed while writing one): free that memory
             sharedmem.sweep(shm, self._run_ids)

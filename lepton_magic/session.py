@@ -46,8 +46,8 @@ class Session:
         with self._lock:
             pool = self.pool(backend)
             if pool is None:
-                merged = {k: self.config[k] for k in ("idle_timeout", "preload", "ssh_hosts", "ssh_key",
-                                                      "ssh_known_hosts", "ssh_host_keys", "ssh_python")}
+                merged = {k: self.config[k] for k in self.config.values
+                          if k in ("idle_timeout", "preload") or k.startswith(("ssh_", "ec2_"))}
                 merged.update({k: v for k, v in settings.items() if v is not None})
                 pool = Pool(self.store, backend, merged)
                 self.pools[backend] = pool

@@ -44,7 +44,7 @@ def test_bad_config_file_is_named(tmp_path, monkeypatch):
 
 def test_planned_backends_say_so():
     config = Config.load()
-    with pytest.raises(ValueError, match="the ray backend is not available in this version; accepted: local, ssh"):
+    with pytest.raises(ValueError, match="the ray backend is not available in this version; accepted: local, ssh, ec2"):
         config.set("backend", "ray")
     with pytest.raises(ValueError, match="an SSH host looks like user@host:port"):
         config.set("ssh_hosts", "root@box:port")

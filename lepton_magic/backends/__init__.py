@@ -13,6 +13,10 @@ def create(name: str, settings: dict) -> Backend:
         from .ssh import SSHBackend
 
         return SSHBackend(settings)
+    if name == "ec2":
+        from .ec2 import Ec2Backend
+
+        return Ec2Backend(settings)
     raise ValueError(f"unknown backend {name!r}")
 
 

@@ -108,6 +108,16 @@ class Backend(ABC):
         machine; None (the default) sends them through the pipe."""
         return None
 
+    def close(self) -> None:
+        """After every node was stopped: wait for whatever the backend must see gone."""
+
+    def cost_so_far(self) -> float | None:
+        """Dollars this backend's nodes have cost so far; None where nodes are free."""
+        return None
+
+    def price_per_hour(self) -> float | None:
+        return None
+
     @abstractmethod
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
         """Ask the agent to exit; make sure it and its ranks are gone."""
