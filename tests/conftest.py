@@ -9,7 +9,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 # Before lepton_magic creates its default session: keep the tests' store apart from the user's.
 os.environ["LEPTON_HOME"] = tempfile.mkdtemp(prefix="lepton-test-home-")
@@ -53,11 +52,6 @@ def sshd(tmp_path_factory):
             break
         except OSError:
             time.sleep(0.05)
-    # Start from a host without the agent package, so the first test sees it uploaded.
-    from lepton_magic.backends.ssh import REMOTE_CACHE, package_zip
-
-    cached = Path.home() / REMOTE_CACHE / f"lepton_magic-{package_zip()[1]}.zip"
-    cached.unlink(missing_ok=True)
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     yield {"port": port, "user": user, "key": str(d / "user_key"), "known_hosts": str(d / "known_hosts"),

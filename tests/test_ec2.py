@@ -140,8 +140,9 @@ def test_the_watchdog_powers_off_only_when_idle(tmp_path):
     script = tmp_path / "watchdog"
     script.write_text(watchdog_script(1))
     marker = tmp_path / "off"
-    env = dict(os.environ, CHECK="0.1", SHUTDOWN_CMD=f"touch {marker}")
-    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)", "lepton_magic.agent"])
+    # A pattern of this test's own: other tests' agents may be running on this machine.
+    env = dict(os.environ, CHECK="0.1", SHUTDOWN_CMD=f"touch {marker}", PATTERN="watchdog-test[.]agent")
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)", "watchdog-test.agent"])
     watchdog = subprocess.Popen(["bash", str(script)], env=env)
     try:
         time.sleep(2.0)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -46,6 +47,10 @@ def _agents(marker: str) -> list[int]:
 
 
 def test_two_node_ddp_over_ssh(sshd, tmp_path):
+    # Start from a host without the agent package, so this test sees it uploaded.
+    from lepton_magic.backends.ssh import REMOTE_CACHE, package_zip
+
+    (Path.home() / REMOTE_CACHE / f"lepton_magic-{package_zip()[1]}.zip").unlink(missing_ok=True)
     session = ssh_session(sshd, tmp_path)
     try:
         t0 = time.monotonic()

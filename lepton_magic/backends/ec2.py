@@ -39,10 +39,11 @@ WATCHDOG = r"""#!/bin/bash
 # lepton_magic idle watchdog: power off once no lepton agent has run for IDLE seconds, even if
 # the notebook and the laptop are gone (the instance terminates on shutdown).
 IDLE="${IDLE:-__IDLE__}"; CHECK="${CHECK:-30}"; SHUTDOWN_CMD="${SHUTDOWN_CMD:-shutdown -h now}"
+PATTERN="${PATTERN:-lepton_magic[.]agent}"
 last=$(date +%s.%N)
 while true; do
     now=$(date +%s.%N)
-    if pgrep -f "lepton_magic[.]agent" >/dev/null 2>&1; then
+    if pgrep -f "$PATTERN" >/dev/null 2>&1; then
         last=$now
     elif awk -v n="$now" -v l="$last" -v i="$IDLE" 'BEGIN { exit !(n - l >= i) }'; then
         logger -t lepton-watchdog "idle for ${IDLE}s: powering off" 2>/dev/null || true
