@@ -21,7 +21,7 @@ from .session import Session
 from .ui import live
 from .ui.progress import TextProgress
 
-SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "attach", "config")
+SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "attach", "config", "cost", "gc")
 
 
 def _arg_type(parse, *extra):
@@ -76,8 +76,17 @@ def _cell_args(line, cell):
 @argument("--max", dest="max_nodes", type=_nodes, default=None, help="most nodes the pool may grow to")
 @argument("--gpus", "-g", type=_gpus, default=None)
 @argument("--idle-timeout", type=_duration, default=None, help="release the pool after this long idle")
+@argument("--instance-type", default=None, help="ec2: instance type (e.g. g5.xlarge)")
+@argument("--spot", action="store_true", help="ec2: spot instances")
+@argument("--region", default=None, help="ec2: AWS region")
 def _up_args(line):
     """%lepton up: start (or grow) the pool of warm nodes."""
+
+
+@magic_arguments()
+@argument("--yes", action="store_true", help="terminate what was found (without it, only list)")
+def _gc_args(line):
+    """%lepton gc [--yes]: EC2 instances this tool launched that no live pool owns."""
 
 
 @magic_arguments()
@@ -114,7 +123,7 @@ def _down_args(line):
 
 _cell_args.parser.prog = "%%lepton"
 for _sub, _func in (("up", _up_args), ("down", _down_args), ("wait", _wait_args), ("cancel", _cancel_args),
-                    ("logs", _logs_args), ("attach", _attach_args)):
+                    ("logs", _logs_args), ("attach", _attach_args), ("gc", _gc_args)):
     _func.parser.prog = f"%lepton {_sub}"
 
 
@@ -226,8 +235,12 @@ class LeptonMagics(Magics):
         if args.min_nodes and args.max_nodes and args.min_nodes > args.max_nodes:
             raise UsageError(f"--min {args.min_nodes} is more than --max {args.max_nodes}")
         nodes = args.nodes or args.min_nodes
+        ec2 = {"ec2_instance_type": args.instance_type, "ec2_spot": True if args.spot else None,
+               "ec2_region": args.region}
+        if any(v is not None for v in ec2.values()) and (args.backend or self.session.config["backend"]) != "ec2":
+            raise UsageError("--instance-type, --spot and --region go with --backend ec2")
         pool = self.session.up(args.backend, nodes, idle_timeout=args.idle_timeout,
-                               max_nodes=args.max_nodes, gpus=args.gpus)
+                               max_nodes=args.max_nodes, gpus=args.gpus, **ec2)
         idle = pool.settings.get("idle_timeout")
         print(f"pool {pool.id} up: {len(pool.live_nodes)} {pool.backend_name} node(s)"
               + (f" · released after {idle:g} s idle" if idle else ""))
@@ -270,6 +283,25 @@ class LeptonMagics(Magics):
         run = self.session.get_run(args.run)
         run.cancel()
         print(f"cancelling {run.name}")
+
+    def _cmd_cost(self, rest: str):
+        if rest.strip():
+            raise UsageError("%lepton cost takes no options")
+        return self.session.cost()
+
+    def _cmd_gc(self, rest: str):
+        args = _parse(_gc_args, rest)
+        if args is None:
+            return None
+        orphans = self.session.gc(terminate=args.yes)
+        if not orphans:
+            print("no instance of this tool is running without a pool")
+            return None
+        verb = "terminated" if args.yes else "found (run %lepton gc --yes to terminate them)"
+        print(f"{len(orphans)} instance(s) {verb}:")
+        import pandas as pd
+
+        return pd.DataFrame(orphans)
 
     def _cmd_attach(self, rest: str):
         args = _parse(_attach_args, rest)

@@ -61,12 +61,38 @@ class Session:
         """Release pools (one backend, or all); returns how many nodes were stopped."""
         with self._lock:
             names = [backend] if backend else list(self.pools)
-            pools = [self.pools.pop(n) for n in names if n in self.pools]
+            pools = [self.pools[n] for n in names if n in self.pools and not self.pools[n].closed]
         stopped = 0
         for pool in pools:
             stopped += len(pool.live_nodes)
             pool.down()
         return stopped
+
+    def cost(self):
+        """$/h and dollars so far per pool of this session (free backends cost 0)."""
+        import pandas as pd
+
+        rows = []
+        for pool in self.pools.values():
+            rows.append({"pool": pool.id, "backend": pool.backend_name, "nodes": len(pool.live_nodes),
+                         "status": "down" if pool.closed else "up",
+                         "dollars_per_hour": pool.backend.price_per_hour() or 0.0,
+                         "cost_so_far": round(pool.backend.cost_so_far() or 0.0, 4)})
+        return pd.DataFrame(rows, columns=["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far"])
+
+    def gc(self, terminate: bool = False) -> list[dict]:
+        """EC2 instances tagged by this tool that no live pool of this session owns."""
+        import boto3
+
+        from .backends.ec2 import find_orphans
+
+        client = boto3.client("ec2", region_name=self.config["ec2_region"],
+                              endpoint_url=self.config["ec2_endpoint_url"] or None)
+        live = {p.id for p in self.pools.values() if not p.closed}
+        orphans = find_orphans(client, live)
+        if terminate and orphans:
+            client.terminate_instances(InstanceIds=[o["id"] for o in orphans])
+        return orphans
 
     def close(self) -> None:
         self._closed = True

@@ -156,3 +156,39 @@ def test_the_watchdog_powers_off_only_when_idle(tmp_path):
     finally:
         busy.kill()
         watchdog.kill()
+
+
+def test_cost_and_gc_of_a_session(aws, sshd, tmp_path):
+    session = ec2_session(aws, sshd, tmp_path)
+    try:
+        pool = session.up(nodes=1)
+        time.sleep(0.2)
+        cost = session.cost()
+        row = cost[cost["pool"] == pool.id].iloc[0]
+        assert row["backend"] == "ec2" and row["dollars_per_hour"] == pytest.approx(1.006)
+        assert row["cost_so_far"] >= 0
+        orphans = session.gc()  # its own pool's instance is not an orphan
+        assert pool.backend.instances["ec2-0"]["id"] not in [o["id"] for o in orphans]
+    finally:
+        session.down()
+    stray = ec2_client(aws).run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "lepton:pool", "Value": "p-old"}]}],
+    )["Instances"][0]["InstanceId"]
+    found = session.gc(terminate=True)
+    assert stray in [o["id"] for o in found]
+    assert _states(ec2_client(aws), [stray])[stray] in ("shutting-down", "terminated")
+
+
+def test_the_gc_command(aws, tmp_path):
+    env = dict(os.environ, LEPTON_HOME=str(tmp_path), LEPTON_EC2_ENDPOINT_URL=aws)
+    stray = ec2_client(aws).run_instances(
+        ImageId="ami-0123456789abcdef0", InstanceType="g5.xlarge", MinCount=1, MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "lepton:pool", "Value": "p-cli"}]}],
+    )["Instances"][0]["InstanceId"]
+    listed = subprocess.run([sys.executable, "-m", "lepton_magic.cli", "gc"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert stray in listed.stdout and "--yes" in listed.stdout
+    done = subprocess.run([sys.executable, "-m", "lepton_magic.cli", "gc", "--yes"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert "terminated" in done.stdout
