@@ -82,6 +82,10 @@ def test_up_ddp_down_on_ec2(aws, sshd, tmp_path, capsys):
     assert "lepton-watchdog" in base64.b64decode(data).decode()
     key_mode = os.stat(pool.backend.key).st_mode & 0o777
     assert key_mode == 0o600
+    group = client.describe_security_groups(GroupNames=["lepton-magic-ssh"])["SecurityGroups"][0]
+    rules = group["IpPermissions"]
+    assert any(r.get("FromPort") == 22 and r["IpRanges"] == [{"CidrIp": "127.0.0.1/32"}] for r in rules)
+    assert any(p.get("GroupId") == group["GroupId"] for r in rules for p in r.get("UserIdGroupPairs", []))
     ns: dict = {}
     run = session.submit("import torch\ndist = lepton.init_distributed()\nt = torch.ones(1) * (lepton.rank + 1)\n"
                          "dist.all_reduce(t)\n", ns, nodes=2).wait(timeout=120)

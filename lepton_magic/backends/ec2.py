@@ -227,6 +227,9 @@ class Ec2Backend(SSHBackend):
                 return group
         else:
             group = self.ec2.create_security_group(GroupName=name, Description="SSH from one address (lepton_magic)")["GroupId"]
+            # The instances of a pool talk to each other (gloo/NCCL rendezvous and collectives).
+            self.ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
+                "IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}])
         self.ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
             "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}])
         return group

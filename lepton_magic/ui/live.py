@@ -14,9 +14,10 @@ import threading
 import time
 
 from ..run import Run
-from .model import RunView
-from .panel import PoolPanel, RunPanel, widgets_available
 from .progress import TextProgress
+
+# The panel's modules (ipywidgets, matplotlib, pandas) load on first use, not with the
+# extension: %load_ext stays fast and terminals never pay for them.
 
 #: How often a follower looks at the store.
 POLL_SECONDS = 0.25
@@ -35,6 +36,11 @@ def await_lepton_cells(lines: list[str]) -> list[str]:
     return lines
 
 
+def widgets_available(shell) -> bool:
+    """A kernel a Jupyter frontend talks to (widgets can render); terminals get text."""
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def follow_blocking(run: Run, shell, status_line: bool = True) -> None:
     """Show the run until it ends (text progress). Ctrl-C cancels it first."""
     progress = TextProgress(run, status_line=status_line)
@@ -44,6 +50,9 @@ def follow_blocking(run: Run, shell, status_line: bool = True) -> None:
 async def follow_awaiting(run: Run) -> None:
     """The notebook's blocking follow: the panel, redrawn while the cell awaits the run."""
     from IPython.display import Image, display
+
+    from .model import RunView
+    from .panel import RunPanel
 
     panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
     panel.update(force=True)
@@ -77,6 +86,9 @@ def follow_in_background(run: Run, shell) -> threading.Thread | None:
         return None
     from IPython.display import Image, display
 
+    from .model import RunView
+    from .panel import RunPanel
+
     panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
     panel.update(force=True)
     panel_handle = display(panel.widget, display_id=True)
@@ -109,6 +121,9 @@ def show(run: Run, shell) -> None:
     if run.status in ("succeeded", "failed", "cancelled"):
         from IPython.display import display
 
+        from .model import RunView
+        from .panel import RunPanel
+
         panel = RunPanel(RunView(run._store, run.seq))
         panel.update(force=True)
         display(panel.widget)
@@ -138,6 +153,8 @@ def show_pool(session, shell):
     if not widgets_available(shell):
         return session.nodes()
     from IPython.display import display
+
+    from .panel import PoolPanel
 
     panel = PoolPanel(session)
     panel.update()

@@ -258,9 +258,3 @@ class PoolPanel:
         head = ("<tr><th>pool</th><th>node</th><th>host</th><th>GPUs</th><th>CPU %</th><th>memory used</th>"
                 "<th>torch</th><th>status</th><th>heartbeat</th></tr>")
         self.table.value = f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>'
-
-
-def widgets_available(shell) -> bool:
-    """A kernel a Jupyter frontend talks to (widgets can render); terminals get text."""
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
