@@ -110,6 +110,9 @@ SETTINGS: dict[str, Setting] = {
     "ec2_ssh_cidr": Setting("", str, "ec2 backend: who may SSH in (default: this machine's public /32)"),
     "ec2_endpoint_url": Setting("", str, "ec2 backend: AWS endpoint (tests: a moto server)"),
     "ec2_ssh_target": Setting("", str, "ec2 backend: reach every instance at this host:port (tests)"),
+    "ec2_s3_bucket": Setting("", str, "ec2 backend: bucket for large inputs/outputs (default lepton-magic-ACCOUNT-REGION)"),
+    "ec2_s3_threshold": Setting(8 << 20, lambda v: parse_count(v, "ec2_s3_threshold"),
+                                "ec2 backend: values from this many bytes travel through S3"),
 }
 
 

@@ -115,11 +115,18 @@ class LiveRun:
         self.pool.attach_run(self)
         # Dispatch first, record after: the nodes start while the store is written. Events that
         # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
+        stager = getattr(self.pool.backend, "stager", None)
+        staged_inputs = staged_outputs = None
+        if stager is not None:
+            if self.inputs and len(self.inputs) >= stager.threshold:
+                staged_inputs = stager.put_input(self.inputs)
+            staged_outputs = stager.output_slot(self.id)
         with self._lock:
             for node_rank, link, first, local in plan:
                 link.send({
                     "t": "run", "run": self.id, "code": self.code, "line_offset": self.line_offset,
-                    "inputs": self.inputs, "outputs": self.output_names,
+                    "inputs": None if staged_inputs else self.inputs, "inputs_s3": staged_inputs,
+                    "outputs_s3": staged_outputs, "outputs": self.output_names,
                     "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
@@ -317,6 +324,15 @@ class LiveRun:
 
     def _load_outputs(self, result: dict) -> None:
         self.skipped.update(result.get("skipped") or {})
+        staged = result.get("staged")
+        if staged:  # large outputs came through the bucket
+            body = self.pool.backend.stager.get_output(staged["key"], staged["sha256"])
+            n = int.from_bytes(body[:8], "big")
+            result["outputs"], pos, buffers = body[8:8 + n], 8 + n, []
+            for size in staged["lens"]:
+                buffers.append(memoryview(body)[pos:pos + size])
+                pos += size
+            result["_buffers"] = buffers
         if result.get("outputs") is None:
             return
         try:

@@ -196,3 +196,28 @@ def test_the_gc_command(aws, tmp_path):
     done = subprocess.run([sys.executable, "-m", "lepton_magic.cli", "gc", "--yes"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert "terminated" in done.stdout
+
+
+def test_large_inputs_and_outputs_travel_through_s3_once(aws, sshd, tmp_path):
+    import numpy as np
+
+    session = ec2_session(aws, sshd, tmp_path, ec2_s3_threshold="1000000", ec2_s3_bucket="lepton-test-bucket")
+    try:
+        pool = session.up(nodes=1)
+        stager = pool.backend.stager
+        ns = {"big": np.arange(500_000, dtype=np.float64)}  # 4 MB: over the threshold
+        code = "import numpy as np\ntotal = float(big.sum())\nback = big * 2\n"
+        session.submit(code, ns, nodes=1).wait(timeout=120)
+        first = stager.uploaded_bytes
+        assert first > 4_000_000 and ns["total"] == float(np.arange(500_000).sum())
+        assert ns["back"][-1] == 999_998.0  # the 4 MB output came back through the bucket
+        session.submit(code, ns, nodes=1).wait(timeout=120)
+        assert stager.uploaded_bytes == first  # unchanged input: the second run uploads nothing
+        s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=aws)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="lepton-test-bucket").get("Contents", [])]
+        assert len([k for k in keys if k.startswith("inputs/")]) == 1 and not [k for k in keys if k.startswith("outputs/")]
+        head = s3.head_object(Bucket="lepton-test-bucket", Key=keys[0])
+        assert head.get("ServerSideEncryption") == "AES256"
+        print(f"\nbytes uploaded: first run {first}, second run {stager.uploaded_bytes - first}")
+    finally:
+        session.down()

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-from .. import sharedmem, values
+from .. import sharedmem, staging, values
 from ..cellcode import CELL_FILENAME, padded_source
 from ..protocol import FrameReader, FrameWriter
 from .forking import CTRL_FD
@@ -51,9 +51,10 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     os.register_at_fork(after_in_child=lambda: _silence_child(lepton))
     _apply_thread_count()
     namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
-    if job["inputs"]:
+    if job["inputs"] or job.get("inputs_s3"):
         try:  # one pickle: objects that share state in the notebook share it here too
-            namespace.update(values.loads(job["inputs"]))
+            blob = job["inputs"] if job["inputs"] else staging.fetch(job["inputs_s3"])
+            namespace.update(values.loads(blob))
         except Exception as e:
             return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ")
 
@@ -70,7 +71,15 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         blob, buffers, names, skipped = collect_outputs(namespace, job["outputs"], job["explicit_outputs"])
         result.update(outputs=blob, names=names, skipped=skipped)
         result["_buffers"] = buffers
-        if job.get("shm_dir") and sum(b.nbytes for b in buffers) >= sharedmem.SHM_MIN_BYTES:
+        slot = job.get("outputs_s3")
+        size = len(blob) + sum(b.nbytes for b in buffers)
+        if slot and size >= slot["threshold"]:
+            body = b"".join([len(blob).to_bytes(8, "big"), blob, *[bytes(b) for b in buffers]])
+            result["staged"] = {"key": slot["key"], "sha256": staging.upload(slot, body),
+                                "lens": [b.nbytes for b in buffers]}
+            result["outputs"] = None
+            del result["_buffers"]
+        elif job.get("shm_dir") and sum(b.nbytes for b in buffers) >= sharedmem.SHM_MIN_BYTES:
             try:
                 result["shm"] = sharedmem.write_buffers(job["shm_dir"], run, buffers)
                 del result["_buffers"]

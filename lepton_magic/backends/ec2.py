@@ -91,6 +91,12 @@ class Ec2Backend(SSHBackend):
         self.ec2 = boto3.client("ec2", region_name=self.region, endpoint_url=endpoint)
         self.ssm = boto3.client("ssm", region_name=self.region, endpoint_url=endpoint)
         self.endpoint = endpoint
+        from ..staging import DEFAULT_THRESHOLD, Stager
+
+        s3 = boto3.client("s3", region_name=self.region, endpoint_url=endpoint,
+                          config=__import__("botocore.config").config.Config(signature_version="s3v4"))
+        bucket = settings.get("ec2_s3_bucket") or f"lepton-magic-{_account(boto3, self.region, endpoint)}-{self.region}"
+        self.stager = Stager(s3, bucket, self.region, int(settings.get("ec2_s3_threshold") or DEFAULT_THRESHOLD))
         self.report = settings.get("report") or print
         self.pool_id = settings.get("pool_id", "?")
         # SSH to the instances: our key pair, our known_hosts (fresh instances: trust on first use)
@@ -298,6 +304,13 @@ class Ec2Backend(SSHBackend):
 
     def price_per_hour(self) -> float:
         return sum(i["price"] or 0 for i in self.instances.values() if not i.get("terminated"))
+
+
+def _account(boto3, region: str, endpoint: str | None) -> str:
+    try:
+        return boto3.client("sts", region_name=region, endpoint_url=endpoint).get_caller_identity()["Account"]
+    except Exception:
+        return getpass.getuser()
 
 
 def _caller_cidr() -> str:
