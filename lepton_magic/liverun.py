@@ -137,7 +137,7 @@ class LiveRun:
                 })
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
-                                                world_size=self.world_size))
+                                                world_size=self.world_size, price_per_hour=self._price()))
             self.store.write(writes)
         self.inputs = None  # sent: do not keep a copy of every input of every run
         if self.timeout:
@@ -310,7 +310,8 @@ class LiveRun:
                  (node_status, self.seq)),
                 self.store.run_update(self.seq, status=status, ended=self.ended_at,
                                       outputs=sorted(self.outputs), error=_error_record(self.error),
-                                      reason=self._cancel_reason),
+                                      reason=self._cancel_reason,
+                                      cost=_cost(self._price(), self.started_at, self.ended_at)),
             ]
             if self.transfer is not None:
                 writes.append(self.store.event_insert("outputs", self.transfer, run=self.seq))
@@ -367,6 +368,13 @@ class LiveRun:
             log.exception("could not save the outputs of %s", self.id)
 
     # --- helpers ---------------------------------------------------------------------------
+    def _price(self) -> float | None:
+        """$/h of the nodes this run holds (cloud backends; None where nodes are free)."""
+        prices = getattr(self.pool.backend, "instances", None)
+        if not prices:
+            return None
+        return sum((prices.get(link.name) or {}).get("price") or 0.0 for link in self.nodes)
+
     def _timer(self, seconds: float, action: Callable[[], None]) -> None:
         timer = threading.Timer(seconds, action)
         timer.daemon = True
@@ -396,6 +404,12 @@ def _error_record(error: LeptonError | None) -> dict | None:
         return {"type": error.type_name, "message": error.message, "rank": error.rank, "node": error.node,
                 "line": error.line, "traceback": error.remote_traceback}
     return {"type": "LeptonError", "message": str(error)}
+
+
+def _cost(price: float | None, started: float | None, ended: float | None) -> float | None:
+    if price is None or not started or not ended:
+        return None
+    return round(price * (ended - started) / 3600, 6)
 
 
 def _seconds(value: float) -> str:

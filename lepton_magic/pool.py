@@ -87,6 +87,7 @@ class Pool:
                 gpu_memory=gpus[0]["memory"] if gpus else None,
                 agent_pid=link.facts.get("pid"), python=link.facts.get("python"), last_seen=time.time(),
             )
+        self.record_cost()
         return links
 
     def ensure(self, count: int) -> None:
@@ -161,9 +162,27 @@ class Pool:
             run.on_node_lost(link, reason)
 
     # --- life cycle ------------------------------------------------------------------------
+    def record_cost(self) -> None:
+        """$/h and dollars so far into the store (the sidebar and other processes read them)."""
+        price, cost = self.backend.price_per_hour(), self.backend.cost_so_far()
+        if price is not None or cost is not None:
+            self.store.set_pool_cost(self.id, price, cost)
+
+    def idle_remaining(self) -> float | None:
+        """Seconds until the idle release, None while a run is on or with no idle timeout."""
+        timeout = self.settings.get("idle_timeout")
+        with self._lock:
+            if not timeout or self.runs or self.closed:
+                return None
+            return max(0.0, timeout - (time.monotonic() - self._last_active))
+
     def _watch_idle(self) -> None:
+        ticks = 0
         while not self.closed:
             time.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                self.record_cost()
             timeout = self.settings.get("idle_timeout")
             with self._lock:
                 active = bool(self.runs)
@@ -202,6 +221,7 @@ class Pool:
         for link in nodes:
             self.backend.stop_node(link)
         self.backend.close()
+        self.record_cost()
         shm = self.backend.shared_memory_dir()
         if shm:  # results no kernel mapped (a rank killed while writing one): free that memory
             sharedmem.sweep(shm, self._run_ids)

@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+#: Columns added after a table was first created: (table, column, type), applied on open.
+MIGRATIONS = [
+    ("runs", "price_per_hour", "REAL"),
+    ("runs", "cost", "REAL"),
+    ("pools", "price_per_hour", "REAL"),
+    ("pools", "cost", "REAL"),
+]
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "starting", "running") + TERMINAL
 
@@ -82,6 +90,10 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(SCHEMA)
+            for table, column, kind in MIGRATIONS:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -123,6 +135,9 @@ class Store:
             " VALUES (?, ?, 'up', ?, ?, ?, ?)",
             (pool_id, backend, time.time(), os.getpid(), _host(), json.dumps(settings)),
         )])
+
+    def set_pool_cost(self, pool_id: str, price_per_hour: float | None, cost: float | None) -> None:
+        self.write([("UPDATE pools SET price_per_hour=?, cost=? WHERE id=?", (price_per_hour, cost, pool_id))])
 
     def end_pool(self, pool_id: str) -> None:
         now = time.time()

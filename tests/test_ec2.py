@@ -221,3 +221,25 @@ def test_large_inputs_and_outputs_travel_through_s3_once(aws, sshd, tmp_path):
         print(f"\nbytes uploaded: first run {first}, second run {stager.uploaded_bytes - first}")
     finally:
         session.down()
+
+
+def test_cost_reaches_the_store_the_panel_and_the_sidebar_api(aws, sshd, tmp_path):
+    from lepton_magic.server.manager import LeptonManager
+    from lepton_magic.ui.model import RunView
+    from lepton_magic.ui.panel import PoolPanel
+
+    session = ec2_session(aws, sshd, tmp_path)
+    try:
+        pool = session.up(nodes=1)
+        run = session.submit("import time\ntime.sleep(0.5)\n", {}, nodes=1).wait(timeout=60)
+        row = session.store.run_row(run.id)
+        assert row["price_per_hour"] == pytest.approx(1.006) and row["cost"] > 0
+        view = RunView(session.store, run.seq).refresh()
+        assert view.header.cost == pytest.approx(row["cost"])
+        panel = PoolPanel(session)
+        panel.update()
+        assert "$1.01/h" in panel.table.value and "released in" in panel.table.value
+        api = [p for p in LeptonManager(session.store).pools() if p["id"] == pool.id][0]
+        assert api["cost_per_hour"] == pytest.approx(1.006) and api["cost_so_far"] is not None
+    finally:
+        session.down()

@@ -62,7 +62,8 @@ class LeptonManager:
             out.append({
                 "id": pool["id"], "backend": pool["backend"], "status": pool["status"],
                 "nodes_ready": sum(1 for n in live if n["status"] == "ready"), "nodes_total": len(live),
-                "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": None, "cost_so_far": None,
+                "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": pool.get("price_per_hour"),
+                "cost_so_far": pool.get("cost"),
                 "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
                 "nodes": [{
                     "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
@@ -107,7 +108,7 @@ class LeptonManager:
             "started": row["started"], "ended": row["ended"],
             "duration": ((row["ended"] or now) - row["started"]) if row["started"] else None,
             "last_step": view.header.step if view.header else None, "sparkline": spark, "metric": metric,
-            "owner_pid": row["owner_pid"], "error": error,
+            "owner_pid": row["owner_pid"], "error": error, "cost": row.get("cost"),
         }
 
     def _view(self, seq: int) -> RunView:

@@ -47,6 +47,7 @@ class Header:
     step: int | None = None
     steps_per_second: float | None = None
     error: str | None = None
+    cost: float | None = None
 
 
 @dataclass(eq=False)
@@ -161,8 +162,11 @@ class RunView:
             (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
             rate = (s1 - s0) / (t1 - t0)
         error = json.loads(row["error"])["message"] if row["error"] else None
+        cost = row.get("cost")
+        if cost is None and row.get("price_per_hour") and elapsed is not None:
+            cost = row["price_per_hour"] * elapsed / 3600  # so far, while it runs
         self.header = Header(row["name"], row["id"], row["status"], row["backend"] or "?",
-                             row["world_size"], elapsed, step, rate, error)
+                             row["world_size"], elapsed, step, rate, error, cost)
 
     def _refresh_nodes(self) -> None:
         rows = self.store.query(

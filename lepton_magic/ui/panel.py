@@ -143,6 +143,8 @@ class RunPanel:
             parts.append(f"step {h.step}")
         if h.steps_per_second is not None and not self.view.finished:
             parts.append(f"{h.steps_per_second:.1f} steps/s")
+        if h.cost:
+            parts.append(f"${h.cost:.2f}")
         text = " · ".join(parts)
         if h.error:
             text += f'<div style="color:#cb4b16">{html.escape(h.error)}</div>'
@@ -239,6 +241,17 @@ class PoolPanel:
         self.widget.add_class("lepton-pool-panel")
 
     def update(self) -> None:
+        pools = []
+        for pool in self.session.pools.values():
+            if pool.closed:
+                continue
+            price, cost, idle = pool.backend.price_per_hour(), pool.backend.cost_so_far(), pool.idle_remaining()
+            text = f"<b>{pool.id}</b> ({pool.backend_name}) · {len(pool.live_nodes)} node(s)"
+            if price:
+                text += f" · ${price:.2f}/h · ${cost or 0:.2f} so far"
+            if idle is not None:
+                text += f" · released in {int(idle // 60)}:{int(idle % 60):02d} if idle"
+            pools.append(f'<div class="lepton-pool-line">{text}</div>')
         df = self.session.nodes()
         now = time.time()
         rows = []
@@ -257,4 +270,5 @@ class PoolPanel:
             return
         head = ("<tr><th>pool</th><th>node</th><th>host</th><th>GPUs</th><th>CPU %</th><th>memory used</th>"
                 "<th>torch</th><th>status</th><th>heartbeat</th></tr>")
-        self.table.value = f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>'
+        self.table.value = "".join(pools) + (
+            f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>')
