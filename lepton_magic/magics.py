@@ -65,6 +65,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 @argument("--async", dest="background", action="store_true", help="return at once; outputs bind when the run ends")
 @argument("--timeout", type=_duration, default=None, help="cancel the run after this long: 90s, 30m, 2h")
 @argument("--env", type=_env_pair, action="append", default=[], help="KEY=VALUE set on every rank (repeatable)")
+@argument("--instance-type", default=None, help="ec2: the instance type of a new pool (e.g. g5.xlarge)")
 def _cell_args(line, cell):
     """%%lepton [options]: run this cell on N nodes as a torch.distributed job."""
 
@@ -192,7 +193,13 @@ class LeptonMagics(Magics):
             return None
         if not cell.strip():
             raise UsageError("the cell is empty: write the code to run under the %%lepton line")
+        backend = args.backend or self.session.config["backend"]
+        if args.instance_type and backend != "ec2":
+            raise UsageError("--instance-type goes with --backend ec2")
         try:
+            if args.instance_type:
+                cellcode.check_syntax(cell)  # before any instance is launched
+                self.session.up(backend, args.nodes, ec2_instance_type=args.instance_type)
             run = self.session.submit(
                 cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
                 name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,

@@ -120,6 +120,7 @@ def test_syntax_error_starts_nothing(ip, run_cell):
         ("%%lepton --in 1a", "--in takes comma-separated variable names"),
         ("%%lepton --env NOEQUALS", "--env takes KEY=VALUE"),
         ("%%lepton --frobnicate", "unrecognized arguments: --frobnicate; %%lepton accepts:"),
+        ("%%lepton --instance-type g5.xlarge", "--instance-type goes with --backend ec2"),
     ],
 )
 def test_bad_arguments_get_one_clear_line(run_cell, line, expected):
