@@ -216,7 +216,7 @@ class LeptonMagics(Magics):
 
     def _follow(self, run: Run):
         """Show the run until it ends (panel or text); Ctrl-C cancels it."""
-        live.follow_blocking(run, self.shell, status_line=self.session.config["progress"])
+        live.follow_blocking(run, status_line=self.session.config["progress"])
         self.session.bind_pending()
         if run.status == "failed" and run.error is not None:
             raise run.error

@@ -41,10 +41,19 @@ def widgets_available(shell) -> bool:
     return type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def follow_blocking(run: Run, shell, status_line: bool = True) -> None:
+def follow_blocking(run: Run, status_line: bool = True) -> None:
     """Show the run until it ends (text progress). Ctrl-C cancels it first."""
     progress = TextProgress(run, status_line=status_line)
-    _wait(run, progress.tick, progress.finish)
+    try:
+        while not run._live.wait(0.05):
+            progress.tick()
+    except BaseException:
+        run.cancel()
+        print(f"\ncancelling {run.name} …", flush=True)
+        run._live.wait(10)
+        progress.finish()
+        raise
+    progress.finish()
 
 
 async def follow_awaiting(run: Run) -> None:
@@ -129,23 +138,6 @@ def show(run: Run, shell) -> None:
         display(panel.widget)
         return
     follow_in_background(run, shell)
-
-
-def _wait(run: Run, tick, finish) -> None:
-    live = run._live
-    try:
-        while not (live.wait(0.05) if live is not None else run.status in ("succeeded", "failed", "cancelled")):
-            tick()
-            if live is None:
-                time.sleep(POLL_SECONDS)
-    except BaseException:
-        run.cancel()
-        print(f"\ncancelling {run.name} …", flush=True)
-        if live is not None:
-            live.wait(10)
-        finish()
-        raise
-    finish()
 
 
 def show_pool(session, shell):

@@ -18,17 +18,14 @@ MARKS = {"succeeded": "✓", "failed": "✗", "cancelled": "■"}
 
 
 class TextProgress:
-    """In a terminal the status line is redrawn with a carriage return; in a notebook it is a
-    display that is updated in place, so a saved notebook holds only its final state."""
+    """Where no widget frontend is attached: the status line is redrawn with a carriage return.
+    (Notebooks get the panel, ui/panel.py.)"""
 
-    def __init__(self, run: Run, out: TextIO | None = None, show_logs: bool = True, status_line: bool = True,
-                 notebook: bool = False):
+    def __init__(self, run: Run, out: TextIO | None = None, show_logs: bool = True, status_line: bool = True):
         self.run = run
         self.out = out or sys.stdout
         self.show_logs = show_logs
         self.status_line = status_line
-        self.notebook = notebook
-        self._handle = None
         self._last_log = 0
         self._drawn = 0  # width of the status line on screen, 0 when none
         self._last_draw = 0.0
@@ -48,10 +45,7 @@ class TextProgress:
     def finish(self) -> None:
         self._print_logs()
         self._clear()
-        if self._handle is not None:
-            self._handle.update(_Text(self.summary_text()))
-        else:
-            print(self.summary_text(), file=self.out, flush=True)
+        print(self.summary_text(), file=self.out, flush=True)
 
     # --- text ------------------------------------------------------------------------------
     def status_text(self) -> str:
@@ -104,14 +98,6 @@ class TextProgress:
         print("\n".join(lines), file=self.out, flush=True)
 
     def _draw(self, text: str) -> None:
-        if self.notebook:
-            if self._handle is None:
-                from IPython.display import display
-
-                self._handle = display(_Text(text), display_id=True)
-            else:
-                self._handle.update(_Text(text))
-            return
         pad = " " * max(0, self._drawn - len(text))
         self.out.write("\r" + text + pad)
         self.out.flush()
@@ -127,12 +113,3 @@ class TextProgress:
 def _number(value: float | None) -> str:
     return "nan" if value is None else f"{value:.4g}"  # SQLite keeps NaN as NULL
 
-
-class _Text:
-    """Plain text for IPython's display machinery (no quotes, unlike a str's repr)."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
