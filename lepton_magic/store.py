@@ -147,7 +147,7 @@ class Store:
         ])
 
     def upsert_node(self, pool_id: str, node: str, **fields: Any) -> None:
-        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        fields = _columns(fields)
         columns = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{k}=excluded.{k}" for k in fields)
@@ -160,7 +160,7 @@ class Store:
     # --- runs ------------------------------------------------------------------------------
     def add_run(self, run_id: str, name: str | None, **fields: Any) -> tuple[int, str]:
         """Record a queued run; returns its sequence number and name (run-N by default)."""
-        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        fields = _columns(fields)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -185,7 +185,7 @@ class Store:
     @staticmethod
     def run_update(seq: int, **fields: Any) -> tuple[str, tuple]:
         """The statement that sets ``fields`` of one run, for ``write`` to batch with others."""
-        fields = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        fields = _columns(fields)
         sets = ", ".join(f"{k}=?" for k in fields)
         return f"UPDATE runs SET {sets} WHERE seq=?", (*fields.values(), seq)
 
@@ -312,6 +312,11 @@ class Store:
         for step, name, value in rows:
             latest.setdefault(name, (step, value))
         return latest
+
+
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """Column values as SQLite takes them: dicts and lists as JSON text."""
+    return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
 
 
 def _host() -> str:

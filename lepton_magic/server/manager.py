@@ -50,11 +50,10 @@ class LeptonManager:
             live = [n for n in nodes if n["status"] not in ("released", "lost")]
             settings = json.loads(pool["settings"] or "{}")
             idle_timeout = settings.get("idle_timeout")
-            active = self.store.execute(
-                "SELECT COUNT(*), MAX(ended) FROM runs WHERE pool=? AND status IN ('queued','starting','running')",
+            active, last_end = self.store.execute(
+                "SELECT SUM(status IN ('queued','starting','running')), MAX(ended) FROM runs WHERE pool=?",
                 (pool["id"],),
-            )[0][0]
-            last_end = self.store.execute("SELECT MAX(ended) FROM runs WHERE pool=?", (pool["id"],))[0][0]
+            )[0]
             idle_since = max(x for x in (last_end, pool["created"]) if x is not None)
             remaining = None
             if idle_timeout and not active and pool["status"] == "up":
