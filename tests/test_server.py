@@ -87,6 +87,9 @@ async def test_release_a_node_then_the_pool(jp_fetch):
     code, _ = await post(jp_fetch, "pools", pool.id, "release")
     assert code == 202
     assert wait_for(lambda: pool.closed)
+    # The store says "down" once the last agent is gone, a moment after the pool closed.
+    assert wait_for(lambda: session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))[0]["status"]
+                    == "down")
     pools = (await get(jp_fetch, "pools"))["pools"]
     assert pool.id not in [p["id"] for p in pools]
 
