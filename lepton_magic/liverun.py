@@ -370,10 +370,10 @@ class LiveRun:
     # --- helpers ---------------------------------------------------------------------------
     def _price(self) -> float | None:
         """$/h of the nodes this run holds (cloud backends; None where nodes are free)."""
-        prices = getattr(self.pool.backend, "instances", None)
-        if not prices:
+        prices = [self.pool.backend.node_price(link.name) for link in self.nodes]
+        if all(p is None for p in prices):
             return None
-        return sum((prices.get(link.name) or {}).get("price") or 0.0 for link in self.nodes)
+        return sum(p or 0.0 for p in prices)
 
     def _timer(self, seconds: float, action: Callable[[], None]) -> None:
         timer = threading.Timer(seconds, action)

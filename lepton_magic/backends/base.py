@@ -118,6 +118,10 @@ class Backend(ABC):
     def price_per_hour(self) -> float | None:
         return None
 
+    def node_price(self, name: str) -> float | None:
+        """$/h of one node; None where nodes are free."""
+        return None
+
     @abstractmethod
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
         """Ask the agent to exit; make sure it and its ranks are gone."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import LeptonError
 from .base import NodeLink, OnLost, OnMessage
-from .ssh import Host, SSHBackend
+from .ssh import Host, SSHBackend, Unreachable
 
 #: On-demand Linux prices, us-east-1, $/h (spot prices come from describe_spot_price_history).
 PRICES = {
@@ -76,6 +76,7 @@ class Ec2Backend(SSHBackend):
 
     def __init__(self, settings: dict):
         import boto3
+        from botocore.config import Config as BotoConfig
 
         from ..store import default_home
 
@@ -94,7 +95,7 @@ class Ec2Backend(SSHBackend):
         from ..staging import DEFAULT_THRESHOLD, Stager
 
         s3 = boto3.client("s3", region_name=self.region, endpoint_url=endpoint,
-                          config=__import__("botocore.config").config.Config(signature_version="s3v4"))
+                          config=BotoConfig(signature_version="s3v4"))
         bucket = settings.get("ec2_s3_bucket") or f"lepton-magic-{_account(boto3, self.region, endpoint)}-{self.region}"
         self.stager = Stager(s3, bucket, self.region, int(settings.get("ec2_s3_threshold") or DEFAULT_THRESHOLD))
         self.report = settings.get("report") or print
@@ -185,8 +186,8 @@ class Ec2Backend(SSHBackend):
         while True:
             try:
                 return await self._start(name, host, secret, on_message, on_lost, log_dir)
-            except LeptonError as e:
-                if "cannot reach" not in str(e) or time.monotonic() > deadline:
+            except Unreachable:
+                if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(3)
 
@@ -301,6 +302,10 @@ class Ec2Backend(SSHBackend):
         now = time.time()
         return sum(((i.get("terminated") or now) - i["launched"]) / 3600 * i["price"]
                    for i in self.instances.values() if i["price"])
+
+    def node_price(self, name: str) -> float | None:
+        instance = self.instances.get(name)
+        return instance["price"] if instance else None
 
     def price_per_hour(self) -> float:
         return sum(i["price"] or 0 for i in self.instances.values() if not i.get("terminated"))

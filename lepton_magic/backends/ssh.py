@@ -30,6 +30,10 @@ CONNECT_TIMEOUT = 20.0
 REMOTE_CACHE = ".cache/lepton_magic"
 
 
+class Unreachable(LeptonError):
+    """No SSH connection to the host (yet): a fresh cloud instance may still be booting."""
+
+
 @dataclass(frozen=True)
 class Host:
     user: str
@@ -155,7 +159,7 @@ class SSHBackend(Backend):
             self._remember(host, conn.get_server_host_key())
             return conn
         except (OSError, asyncssh.Error) as e:
-            raise LeptonError(f"cannot reach {host} over SSH: {e}") from None
+            raise Unreachable(f"cannot reach {host} over SSH: {e}") from None
 
     def _is_known(self, host: Host) -> bool:
         import asyncssh
