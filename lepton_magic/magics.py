@@ -145,6 +145,11 @@ def _parse(parser_func, line: str):
         raise
 
 
+def _no_options(command: str, rest: str) -> None:
+    if rest.strip():
+        raise UsageError(f"{command} takes no options")
+
+
 async def _nothing():
     return None
 
@@ -261,13 +266,11 @@ class LeptonMagics(Magics):
         print(f"released {stopped} node(s)" if stopped else "no pool is up")
 
     def _cmd_status(self, rest: str):
-        if rest.strip():
-            raise UsageError("%lepton status takes no options")
+        _no_options("%lepton status", rest)
         return live.show_pool(self.session, self.shell)
 
     def _cmd_runs(self, rest: str):
-        if rest.strip():
-            raise UsageError("%lepton runs takes no options")
+        _no_options("%lepton runs", rest)
         return self.session.runs()
 
     def _cmd_wait(self, rest: str):
@@ -292,8 +295,7 @@ class LeptonMagics(Magics):
         print(f"cancelling {run.name}")
 
     def _cmd_cost(self, rest: str):
-        if rest.strip():
-            raise UsageError("%lepton cost takes no options")
+        _no_options("%lepton cost", rest)
         return self.session.cost()
 
     def _cmd_gc(self, rest: str):
