@@ -3,6 +3,7 @@ with one table, not minutes later inside a job."""
 
 from __future__ import annotations
 
+import functools
 import platform
 
 from .backends import NodeLink
@@ -10,6 +11,17 @@ from .errors import LeptonError
 
 #: Less free disk than this on a node is a problem (checkpoints, caches, the agent).
 MIN_DISK_FREE = 1 << 30
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_here() -> str | None:
+    """The kernel's torch version, read once (package metadata lookups take milliseconds)."""
+    try:
+        from importlib.metadata import version
+
+        return version("torch")
+    except Exception:
+        return None
 
 
 def _minor(version: str | None) -> str | None:
@@ -28,12 +40,7 @@ def problems(link: NodeLink, needs_torch: bool, gpus: int | None, local: bool) -
         if not torch_there:
             found.append("no torch installed")
         else:
-            try:
-                from importlib.metadata import version
-
-                torch_here = version("torch")
-            except Exception:
-                torch_here = None
+            torch_here = _torch_here()
             if torch_here and _minor(torch_here) != _minor(torch_there):
                 found.append(f"torch {torch_there} there, {torch_here} here")
     if gpus and not local and not facts.get("gpus"):
