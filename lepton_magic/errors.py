@@ -31,3 +31,15 @@ class RemoteError(LeptonError):
     def _render_traceback_(self) -> list[str]:
         header = f"RemoteError: rank {self.rank} on {self.node} failed in {self.run}"
         return [header, ""] + self.remote_traceback.rstrip("\n").splitlines()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The cell was interrupted (Ctrl-C, the kernel's interrupt): the run was cancelled. An
+    interrupted cell ends with one line, as any interrupted cell does, not with our frames."""
+
+    def __init__(self, run: str):
+        super().__init__(f"{run} was cancelled")
+        self.run = run
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]

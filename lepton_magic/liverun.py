@@ -18,7 +18,7 @@ import msgpack
 from . import sharedmem, values
 from .backends import NodeLink
 from .errors import LeptonError, RemoteError
-from .store import Store
+from .store import TRACEBACK_STREAM, Store
 
 log = logging.getLogger("lepton_magic.run")
 
@@ -121,6 +121,7 @@ class LiveRun:
             if self.inputs and len(self.inputs) >= stager.threshold:
                 staged_inputs = stager.put_input(self.inputs)
             staged_outputs = stager.output_slot(self.id)
+        cwd = self.pool.backend.rank_cwd()
         with self._lock:
             for node_rank, link, first, local in plan:
                 link.send({
@@ -131,9 +132,10 @@ class LiveRun:
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
                     "env": self.env, "checkpoint": self.checkpoint_blob, "preload": self.preload,
-                "shm_dir": self.pool.backend.shared_memory_dir(),
-                # torchrun's rule, made to fit nodes that share a machine: cores / ranks there
-                "threads": max(1, int(link.facts.get("cpus") or 1) // per_host[link.host]),
+                    "cwd": cwd,
+                    "shm_dir": self.pool.backend.shared_memory_dir(),
+                    # torchrun's rule, made to fit nodes that share a machine: cores / ranks there
+                    "threads": max(1, int(link.facts.get("cpus") or 1) // per_host[link.host]),
                 })
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
@@ -152,7 +154,8 @@ class LiveRun:
             self.store.add_metrics(self.seq, rank, message["step"], message["name"], message["value"],
                                    message["time"])
         elif kind == "log":
-            self.store.add_logs(self.seq, rank, message["stream"], message["time"], message["lines"])
+            self.store.add_logs(self.seq, rank, message["stream"], message["time"], message["lines"],
+                                message.get("partial"))
         elif kind == "started":
             with self._lock:
                 first = not self._started
@@ -177,6 +180,10 @@ class LiveRun:
                 first = self.error is None
                 if first:
                     self.error = error
+            # In the rank's log too, as torchrun leaves it on stderr: run.logs() tells the whole story.
+            text = message["traceback"] or f"{message['type']}: {message['message']}"
+            self.store.add_logs(self.seq, rank, TRACEBACK_STREAM, message.get("time") or time.time(),
+                                text.rstrip("\n").splitlines())
             self.store.add_event("rank_error", {k: message[k] for k in ("rank", "type", "message", "line")},
                                  run=self.seq)
             if first:

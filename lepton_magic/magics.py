@@ -278,7 +278,7 @@ class LeptonMagics(Magics):
         if args is None:
             return None
         run = self.session.get_run(args.run)
-        if run._live is not None and args.timeout is None:
+        if run.is_live and args.timeout is None:
             return self._follow(run)
         try:
             run.wait(args.timeout)

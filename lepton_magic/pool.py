@@ -205,14 +205,15 @@ class Pool:
         self.store.upsert_node(self.id, name, status="released")
         return f"released {name}"
 
-    def down(self) -> None:
-        """Cancel whatever still runs, stop every agent, and mark the pool released."""
+    def down(self, reason: str = "the pool was released") -> None:
+        """Cancel whatever still runs (saying ``reason``), stop every agent, and mark the pool
+        released."""
         with self._lock:
             if self.closed:
                 return
             runs = list(self.runs.values())
         for run in runs:
-            run.cancel(reason="the pool was released")
+            run.cancel(reason=reason)
         for run in runs:
             run.done.wait(6.0)
         with self._lock:

@@ -70,6 +70,29 @@ class Run:
         return row["status"]
 
     @property
+    def is_live(self) -> bool:
+        """This process runs it: its events arrive here, not only through the store."""
+        return self._live is not None
+
+    @property
+    def done(self) -> bool:
+        """It has ended (succeeded, failed or cancelled)."""
+        if self._live is not None:
+            return self._live.done.is_set()
+        return self.status in TERMINAL
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait for the end without raising the run's error; True if it has ended."""
+        if self._live is not None:
+            return self._live.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    @property
     def world_size(self) -> int | None:
         return self._row()["world_size"]
 
@@ -161,15 +184,8 @@ class Run:
     # --- control ---------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> "Run":
         """Block until the run ends; raises its error if it failed, TimeoutError if still running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._live is not None:
-            if not self._live.wait(timeout):
-                raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
-        else:
-            while self.status not in TERMINAL:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
-                time.sleep(0.2)
+        if not self.wait_done(timeout):
+            raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
         if self._session is not None:
             self._session.bind_pending()
         if self.status == "failed" and self.error is not None:

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import cellcode, compat, values
+from . import cellcode, compat, kernel_shutdown, values
 from .config import Config
 from .errors import LeptonError
 from .liverun import LiveRun
@@ -57,15 +57,16 @@ class Session:
         pool.ensure(nodes)
         return pool
 
-    def down(self, backend: str | None = None) -> int:
-        """Release pools (one backend, or all); returns how many nodes were stopped."""
+    def down(self, backend: str | None = None, reason: str = "the pool was released") -> int:
+        """Release pools (one backend, or all), cancelling their runs with ``reason``; returns how
+        many nodes were stopped."""
         with self._lock:
             names = [backend] if backend else list(self.pools)
             pools = [self.pools[n] for n in names if n in self.pools and not self.pools[n].closed]
         stopped = 0
         for pool in pools:
             stopped += len(pool.live_nodes)
-            pool.down()
+            pool.down(reason)
         return stopped
 
     def cost(self):
@@ -94,10 +95,11 @@ class Session:
             client.terminate_instances(InstanceIds=[o["id"] for o in orphans])
         return orphans
 
-    def close(self) -> None:
+    def close(self, reason: str = kernel_shutdown.EXITED) -> None:
+        """The process is going (exit, kernel restart or shutdown): end every run, saying why."""
         self._closed = True
         try:
-            self.down()
+            self.down(reason=reason)
         except Exception:
             pass
 

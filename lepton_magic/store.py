@@ -8,6 +8,7 @@ their transactions short; WAL lets readers in other processes read meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -48,6 +49,10 @@ CREATE TABLE IF NOT EXISTS logs (
     id INTEGER PRIMARY KEY, run INTEGER NOT NULL, rank INTEGER, stream TEXT, time REAL, line TEXT
 );
 CREATE INDEX IF NOT EXISTS logs_run ON logs (run);
+CREATE TABLE IF NOT EXISTS log_partials (
+    run INTEGER NOT NULL, rank INTEGER NOT NULL, stream TEXT NOT NULL, time REAL, line TEXT,
+    PRIMARY KEY (run, rank, stream)
+);
 CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY, action TEXT NOT NULL, target TEXT NOT NULL, node TEXT,
     owner_pid INTEGER, owner_host TEXT, created REAL NOT NULL, taken REAL, done REAL, result TEXT
@@ -67,6 +72,9 @@ MIGRATIONS = [
 ]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+#: The log stream a failed rank's traceback is written to (views that show the error itself
+#: can leave these lines out).
+TRACEBACK_STREAM = "traceback"
 STATUSES = ("queued", "starting", "running") + TERMINAL
 
 
@@ -110,17 +118,23 @@ class Store:
             columns = [c[0] for c in cursor.description]
             return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
-    def write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        """Run several statements in one short transaction."""
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One short write transaction, rolled back on any error (the lock held throughout)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def write(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Run several statements in one short transaction."""
+        with self._transaction() as db:
+            for sql, params in statements:
+                db.execute(sql, params)
 
     def frame(self, sql: str, params: Sequence[Any] = ()):
         import pandas as pd
@@ -161,22 +175,16 @@ class Store:
     def add_run(self, run_id: str, name: str | None, **fields: Any) -> tuple[int, str]:
         """Record a queued run; returns its sequence number and name (run-N by default)."""
         fields = _columns(fields)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._db.execute(
-                    f"INSERT INTO runs (id, name, status, created, owner_pid, owner_host"
-                    f"{''.join(', ' + k for k in fields)}) VALUES (?, ?, 'queued', ?, ?, ?"
-                    f"{', ?' * len(fields)})",
-                    (run_id, name or "", time.time(), os.getpid(), _host(), *fields.values()),
-                ).lastrowid
-                if not name:
-                    name = f"run-{seq}"
-                    self._db.execute("UPDATE runs SET name=? WHERE seq=?", (name, seq))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            seq = db.execute(
+                f"INSERT INTO runs (id, name, status, created, owner_pid, owner_host"
+                f"{''.join(', ' + k for k in fields)}) VALUES (?, ?, 'queued', ?, ?, ?"
+                f"{', ?' * len(fields)})",
+                (run_id, name or "", time.time(), os.getpid(), _host(), *fields.values()),
+            ).lastrowid
+            if not name:
+                name = f"run-{seq}"
+                db.execute("UPDATE runs SET name=? WHERE seq=?", (name, seq))
         return seq, name
 
     def update_run(self, seq: int, **fields: Any) -> None:
@@ -216,17 +224,11 @@ class Store:
 
     # --- commands: actions from other processes (the sidebar) for the process that owns a run --
     def add_command(self, action: str, target: str, owner_pid: int, owner_host: str, node: str | None = None) -> int:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                command = self._db.execute(
-                    "INSERT INTO commands (action, target, node, owner_pid, owner_host, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (action, target, node, owner_pid, owner_host, time.time()),
-                ).lastrowid
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            command = db.execute(
+                "INSERT INTO commands (action, target, node, owner_pid, owner_host, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)", (action, target, node, owner_pid, owner_host, time.time()),
+            ).lastrowid
         return command
 
     def take_commands(self, owner_pid: int, targets: list[str]) -> list[dict]:
@@ -277,19 +279,23 @@ class Store:
             if not listeners:
                 self._listeners.pop(seq, None)
 
-    def add_logs(self, seq: int, rank: int, stream: str, when: float, lines: list[str]) -> None:
-        self._write_many("INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
-                         ((seq, rank, stream, when, line) for line in lines))
+    def add_logs(self, seq: int, rank: int, stream: str, when: float, lines: list[str],
+                 partial: str | None = None) -> None:
+        """Finished lines of one rank's stream, and the unfinished line it shows now (a progress
+        bar redrawn with carriage returns): kept apart, replaced by each update, gone once the
+        line is finished."""
+        with self._transaction() as db:
+            db.executemany("INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
+                           ((seq, rank, stream, when, line) for line in lines))
+            if partial:
+                db.execute("INSERT OR REPLACE INTO log_partials VALUES (?, ?, ?, ?, ?)",
+                           (seq, rank, stream, when, partial))
+            elif lines:
+                db.execute("DELETE FROM log_partials WHERE run=? AND rank=? AND stream=?", (seq, rank, stream))
 
     def _write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(sql, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.executemany(sql, rows)
 
     def add_event(self, kind: str, data: dict | None = None, run: int | None = None, pool: str | None = None) -> None:
         self.write([self.event_insert(kind, data, run, pool)])
@@ -301,6 +307,22 @@ class Store:
             sql += " AND rank=?"
             params.append(rank)
         return self.execute(sql + " ORDER BY id", params)
+
+    def logs_tail(self, seq: int, limit: int, skip_stream: str | None = None) -> tuple[list[tuple], int]:
+        """The last ``limit`` log lines of a run (oldest first), and how many it has in all;
+        lines of ``skip_stream`` are left out of both."""
+        where, params = "run=?", [seq]
+        if skip_stream is not None:
+            where, params = where + " AND stream IS NOT ?", params + [skip_stream]
+        total = self.execute(f"SELECT COUNT(*) FROM logs WHERE {where}", params)[0][0]
+        rows = self.execute(f"SELECT id, rank, stream, line FROM logs WHERE {where} ORDER BY id DESC LIMIT ?",
+                            params + [limit])
+        return rows[::-1], total
+
+    def log_partials(self, seq: int) -> dict[int, str]:
+        """Each rank's unfinished line (stdout's if both streams have one)."""
+        rows = self.execute("SELECT rank, line FROM log_partials WHERE run=? ORDER BY stream DESC", (seq,))
+        return dict(rows)
 
     def latest_metrics(self, seq: int, rank: int = 0, limit: int = 64) -> dict[str, tuple[int, float]]:
         """The latest (step, value) of each metric of one rank."""

@@ -71,7 +71,7 @@ def ip():
     yield shell
     import lepton_magic
 
-    lepton_magic.session().down()
+    lepton_magic.current_session().down()
 
 
 @pytest.fixture

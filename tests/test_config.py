@@ -55,7 +55,7 @@ def test_terminal_progress_redraws_one_line(ip):
     from lepton_magic.ui import progress as progress_module
     from lepton_magic.ui.progress import TextProgress
 
-    run = lm.session().submit("import time\nfor i in range(15):\n    lepton.log(step=i, loss=1 / (i + 1))\n"
+    run = lm.current_session().submit("import time\nfor i in range(15):\n    lepton.log(step=i, loss=1 / (i + 1))\n"
                               "    time.sleep(0.1)\nprint('done')\n", {}, nodes=1)
     out = io.StringIO()
     progress = TextProgress(run, out=out)

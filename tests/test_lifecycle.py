@@ -30,7 +30,7 @@ def _rank_pids(run, count, timeout=30.0):
 
 
 def test_cancel_stops_every_rank_within_5s(ip):
-    run = lm.session().submit(SLEEPER, ip.user_ns, nodes=2)
+    run = lm.current_session().submit(SLEEPER, ip.user_ns, nodes=2)
     pids = _rank_pids(run, 2)
     time.sleep(0.3)
     t0 = time.monotonic()
@@ -63,7 +63,7 @@ def test_ctrl_c_in_a_blocking_cell_cancels_the_run(ip, run_cell):
 
 
 def test_down_leaves_no_process(ip):
-    session = lm.session()
+    session = lm.current_session()
     pool = session.up(nodes=2)
     agents = [link.facts["pid"] for link in pool.live_nodes]
     run = session.submit(SLEEPER, ip.user_ns, nodes=2)
@@ -74,7 +74,7 @@ def test_down_leaves_no_process(ip):
 
 
 def test_idle_pool_is_released(tmp_path):
-    session = Session(store=lm.session().store)
+    session = Session(store=lm.current_session().store)
     session.config.set("idle_timeout", "1s")
     pool = session.up(nodes=1)
     agent = pool.live_nodes[0].facts["pid"]

@@ -59,7 +59,7 @@ def test_inputs_by_ast_and_outputs_by_assignment(ip, run_cell):
     result, out = run_cell("%%lepton\ngamma = alpha * beta\n_hidden = 1\n")
     assert result.success, out
     assert ip.user_ns["gamma"] == 12 and "_hidden" not in ip.user_ns
-    row = lm.session().store.run_row(lm.last_run().id)
+    row = lm.current_session().store.run_row(lm.last_run().id)
     assert json.loads(row["inputs"]) == ["alpha", "beta"]
 
 
@@ -98,7 +98,7 @@ def test_remote_exception_has_the_cell_line_number(ip, run_cell):
 
 
 def test_syntax_error_starts_nothing(ip, run_cell):
-    session = lm.session()
+    session = lm.current_session()
     runs_before = session.store.execute("SELECT COUNT(*) FROM runs")[0][0]
     session.down()
     result, _ = run_cell("%%lepton --nodes 2\nx = 1\nfor\n")
@@ -196,8 +196,8 @@ def test_status_runs_and_config_magics(ip, run_cell):
     settings = ip.run_line_magic("lepton", "config")
     assert "idle_timeout" in settings.index
     _, out = run_cell("%lepton config timeout=45s")
-    assert lm.session().config["timeout"] == 45.0
-    lm.session().config.set("timeout", "none")
+    assert lm.current_session().config["timeout"] == 45.0
+    lm.current_session().config.set("timeout", "none")
 
 
 def test_log_rejects_non_numbers(run_cell):

@@ -121,8 +121,11 @@ def test_panel_shows_table_curve_and_freezes_into_a_summary(recorded):
     store.update_run(seq, status="succeeded", ended=time.time())
     p.update(force=True)
     assert p._frozen and p.cancel.layout.display == "none"
-    assert "final" in p.logs.value and "0.01" in p.logs.value  # rank 1's last loss: 1/100 + 0.01
-    assert p.update(force=True) is False  # frozen: no more frames
+    assert "final" in p.summary.value and "0.01" in p.summary.value  # rank 1's last loss: 1/100 + 0.01
+    assert p.update() is False  # frozen: no more frames from the store
+    shown = p.image.value
+    p.metric.value = "acc"  # but its controls still redraw it
+    assert p.image.value != shown
     assert p.static_png()[:4] == b"\x89PNG"
     bundle = p.widget._repr_mimebundle_()
     assert bundle["text/plain"].startswith("demo succeeded")  # never HBox(children=...)
@@ -160,7 +163,110 @@ def test_pool_panel_lists_the_nodes(ip):
     import lepton_magic as lm
     from lepton_magic.ui.panel import PoolPanel
 
-    lm.session().up(nodes=2)
-    p = PoolPanel(lm.session())
+    lm.current_session().up(nodes=2)
+    p = PoolPanel(lm.current_session())
     p.update()
     assert p.table.value.count('class="lepton-node-row"') >= 2 and "ready" in p.table.value
+
+
+def _within(seconds, action):
+    """Run ``action`` in a thread; fail (instead of hanging the suite) if it does not return."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = action()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (a deadlock?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+# Each row: the metric names logged, batch by batch (a batch may be empty: a refresh with nothing
+# new). Regression: a first metric other than "loss" froze the kernel for good (the metric
+# dropdown's observer re-entered update() under its own lock).
+METRIC_ORDERS = [
+    [["acc"]],
+    [["zeta", "alpha"]],
+    [[], ["acc"], ["acc", "loss"]],
+    [["loss"], ["val_loss"], ["lr", "loss"]],
+    [["acc"], [], ["b"], ["a"]],
+]
+
+
+@pytest.mark.parametrize("batches", METRIC_ORDERS, ids=lambda b: "-".join("+".join(n) or "none" for n in b))
+def test_any_metric_names_in_any_order_never_freeze_the_panel(recorded, batches):
+    store, seq = recorded
+    p = RunPanel(RunView(store, seq))
+    seen: set[str] = set()
+    for step, names in enumerate(batches):
+        for name in names:
+            store.add_metrics(seq, 0, [step], [name], [0.5], [time.time()])
+        seen.update(names)
+        assert _within(10, lambda: p.update(force=True))
+        if seen:
+            assert set(p.metric.options) == seen and p.metric.value in seen
+            assert p.image.value[:4] == b"\x89PNG"
+    if seen:
+        other = next(n for n in p.metric.options if n != p.metric.value) if len(seen) > 1 else p.metric.value
+        _within(10, lambda: setattr(p.metric, "value", other))  # a person picks another metric
+        assert p.metric.value == other
+    store.update_run(seq, status="succeeded", ended=time.time())
+    _within(10, lambda: p.update(force=True))
+    assert p.frozen
+    bundle = _within(10, p.static_bundle)
+    assert bundle["text/plain"].startswith("demo succeeded")
+    assert ("image/png" in bundle) == bool(seen)
+
+
+def test_a_run_without_metrics_shows_and_freezes(recorded):
+    store, seq = recorded
+    store.add_logs(seq, 0, "stdout", time.time(), ["only text"])
+    p = RunPanel(RunView(store, seq))
+    assert _within(10, lambda: p.update(force=True))
+    assert p.metric.options == () and p.image.value == b""
+    assert "only text" in p.logs.value
+    store.update_run(seq, status="succeeded", ended=time.time())
+    _within(10, lambda: p.update(force=True))
+    bundle = p.static_bundle()
+    assert "image/png" not in bundle and "only text" in bundle["text/html"]
+
+
+def test_the_unfinished_line_of_a_progress_bar_shows_in_the_tail(recorded):
+    store, seq = recorded
+    store.add_logs(seq, 0, "stdout", time.time(), ["epoch 1"], partial=" 40%|####      | 4/10")
+    p = RunPanel(RunView(store, seq))
+    p.update(force=True)
+    assert "epoch 1" in p.logs.value and "40%" in p.logs.value
+    store.add_logs(seq, 0, "stdout", time.time(), [], partial=" 70%|#######   | 7/10")
+    p.update(force=True)
+    assert "70%" in p.logs.value and "40%" not in p.logs.value
+    store.add_logs(seq, 0, "stdout", time.time(), ["100%|##########| 10/10"])  # the line ends
+    p.update(force=True)
+    assert "100%" in p.logs.value and "70%" not in p.logs.value
+    assert store.log_partials(seq) == {}
+
+
+def test_the_saved_record_holds_the_last_lines_and_says_how_many_more(recorded):
+    store, seq = recorded
+    store.add_logs(seq, 0, "stdout", time.time(), [f"line {i}" for i in range(250)])
+    store.add_logs(seq, 1, "traceback", time.time(), ["Traceback (most recent call last):", "boom"])
+    log_points(store, seq, 0, 10)
+    store.update_run(seq, status="failed", ended=time.time())
+    p = RunPanel(RunView(store, seq))
+    p.update(force=True)
+    bundle = p.static_bundle()
+    text, page = bundle["text/plain"], bundle["text/html"]
+    assert "… 50 more lines: %lepton logs demo" in text
+    assert "[rank 0] line 249" in text and "[rank 0] line 50" in text and "line 49\n" not in text
+    assert "Traceback" not in text  # the cell's error shows it once
+    assert page.count("<img") == 2 and 'class="lepton-panel lepton-static"' in page  # loss and acc
+    assert page.count('class="lepton-node-row"') == 2

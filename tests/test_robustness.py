@@ -80,7 +80,7 @@ def test_processes_forked_by_the_cell_do_not_repeat_its_metrics(ip):
         "    children.append(pid)\n"
         "time.sleep(30)\n"
     )
-    run = lm.session().submit(code, ip.user_ns, nodes=1)
+    run = lm.current_session().submit(code, ip.user_ns, nodes=1)
     deadline = time.monotonic() + 20
     while len(run.metrics) < 10 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -115,13 +115,13 @@ def test_dispatch_failure_leaves_no_run_hanging(ip, monkeypatch):
 
     monkeypatch.setattr(liverun, "ranks_on", refuse)
     with pytest.raises(LeptonError, match="asks for more"):
-        lm.session().submit("x = 1", {}, nodes=1)
+        lm.current_session().submit("x = 1", {}, nodes=1)
     run = lm.last_run()
     assert run.status == "failed"
     assert run.wait.__self__ is run
     with pytest.raises(LeptonError):
         run.wait(timeout=2)
-    assert not lm.session().pool().busy
+    assert not lm.current_session().pool().busy
 
 
 def test_bad_settings_name_their_source(monkeypatch, tmp_path):
@@ -134,7 +134,7 @@ def test_load_ext_with_bad_settings_says_so_in_one_line(tmp_path):
     env = dict(os.environ, LEPTON_NODES="abc", LEPTON_HOME=str(tmp_path))
     code = ("from IPython.testing.globalipapp import start_ipython\nip = start_ipython()\n"
             "ip.run_line_magic('load_ext', 'lepton_magic')\nimport lepton_magic as lm\n"
-            "print('nodes', lm.session().config['nodes'])\n")
+            "print('nodes', lm.current_session().config['nodes'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "lepton_magic: LEPTON_NODES: nodes: nodes takes a positive whole number, got 'abc'; using the default" \
         in out.stdout

@@ -39,7 +39,7 @@ def wait_for(predicate, timeout=10.0):
 
 
 async def test_pools_runs_and_run_detail(jp_fetch):
-    session = lm.session()
+    session = lm.current_session()
     pool = session.up(nodes=2)
     run = session.submit("for s in range(60):\n    lepton.log(step=s, loss=1 / (s + 1))\nprint('bye')\n",
                          {}, nodes=2, name="listed").wait()
@@ -59,7 +59,7 @@ async def test_pools_runs_and_run_detail(jp_fetch):
 
 
 async def test_cancel_from_the_sidebar_reaches_the_kernel(jp_fetch):
-    run = lm.session().submit(LONG, {}, nodes=2)
+    run = lm.current_session().submit(LONG, {}, nodes=2)
     assert wait_for(lambda: len(run._live.rank_pids) == 2)
     t0 = time.monotonic()
     code, body = await post(jp_fetch, "runs", run.id, "cancel")
@@ -77,7 +77,7 @@ async def test_cancel_from_the_sidebar_reaches_the_kernel(jp_fetch):
 async def test_release_a_node_then_the_pool(jp_fetch):
     from lepton_magic.session import Session
 
-    session = Session(store=lm.session().store)  # a pool no other test is using
+    session = Session(store=lm.current_session().store)  # a pool no other test is using
     pool = session.up(nodes=2)
     node = pool.live_nodes[-1].name
     code, body = await post(jp_fetch, "pools", pool.id, "nodes", node, "release")

@@ -34,6 +34,10 @@ from . import rank as _rank  # noqa: F401  imported once here, inherited by the 
 from .forking import CTRL_FD, fork_standby
 
 HEARTBEAT_SECONDS = 2.0
+#: An unfinished line (a progress bar redrawn with carriage returns) is sent at most this often.
+PARTIAL_LINE_SECONDS = 0.25
+#: Of an unfinished line, at most this many bytes (its end: what a terminal would show) are sent.
+PARTIAL_LINE_BYTES = 4096
 #: After SIGTERM a rank has this long to exit before SIGKILL.
 KILL_GRACE_SECONDS = 2.0
 
@@ -88,6 +92,8 @@ class Agent:
         self.zygotes: dict[bool, socket.socket] = {}
         self.zygote_ready = {False: False, True: False}
         self.logs: dict[tuple[str, int, str], list[str]] = {}
+        self.partials: dict[tuple[str, int, str], str] = {}  # unfinished lines not sent yet
+        self.next_partials = 0.0
         self.next_heartbeat = 0.0
         self.running = True
         self.parent_pid = parent_pid
@@ -120,6 +126,8 @@ class Agent:
     def step(self) -> None:
         now = time.monotonic()
         deadlines = [self.next_heartbeat] + [r.kill_at for r in self.ranks if r.kill_at]
+        if self.partials:
+            deadlines.append(self.next_partials)
         timeout = max(0.0, min(deadlines) - now)
         for key, _mask in self.sel.select(timeout):
             kind, rank = key.data
@@ -364,20 +372,29 @@ class Agent:
             return
         *lines, proc.partial[stream] = (proc.partial[stream] + data).split(b"\n")
         self.add_lines(proc, stream, lines)
+        if proc.partial[stream] and proc.rank is not None:
+            key = (proc.run, proc.rank, _STREAMS[stream])
+            self.partials[key] = _shown(proc.partial[stream][-PARTIAL_LINE_BYTES:])
 
     def add_lines(self, proc: RankProcess, stream: int, lines: list[bytes]) -> None:
         if proc.run is None or proc.rank is None or not lines:
             return
-        key = (proc.run, proc.rank, "stdout" if stream == 1 else "stderr")
-        # A carriage return redraws the line (progress bars): keep what a terminal would show.
-        self.logs.setdefault(key, []).extend(
-            line.rstrip(b"\r").rsplit(b"\r", 1)[-1].decode(errors="replace") for line in lines
-        )
+        key = (proc.run, proc.rank, _STREAMS[stream])
+        self.logs.setdefault(key, []).extend(_shown(line) for line in lines)
+        self.partials.pop(key, None)  # older than these lines
 
     def flush_logs(self) -> None:
+        """Send the finished lines, and each stream's unfinished line with them; unfinished lines
+        alone (a progress bar that only redraws) at most every PARTIAL_LINE_SECONDS."""
         now = time.time()
-        for (run, rank, stream), lines in self.logs.items():
-            self.out.send({"t": "log", "run": run, "rank": rank, "stream": stream, "lines": lines, "time": now})
+        keys = list(self.logs)
+        if self.partials and time.monotonic() >= self.next_partials:
+            keys += [k for k in self.partials if k not in self.logs]
+            self.next_partials = time.monotonic() + PARTIAL_LINE_SECONDS
+        for key in keys:
+            run, rank, stream = key
+            self.out.send({"t": "log", "run": run, "rank": rank, "stream": stream, "lines": self.logs.get(key, []),
+                           "partial": self.partials.pop(key, None), "time": now})
         self.logs.clear()
 
     # --- the end of a rank -----------------------------------------------------------------
@@ -456,6 +473,14 @@ class Agent:
                                "killed": proc.killed, "time": time.time()})
         if self.running:
             self.replenish()
+
+
+_STREAMS = {1: "stdout", 2: "stderr"}
+
+
+def _shown(line: bytes) -> str:
+    """A carriage return redraws the line (progress bars): keep what a terminal would show."""
+    return line.rstrip(b"\r").rsplit(b"\r", 1)[-1].decode(errors="replace")
 
 
 _pidfd_supported = hasattr(os, "pidfd_open")

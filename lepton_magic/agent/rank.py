@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 
 from .. import sharedmem, staging, values
 from ..cellcode import CELL_FILENAME, padded_source
@@ -50,7 +51,9 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     # A process the cell forks (DataLoader workers, multiprocessing) must not speak for this rank.
     os.register_at_fork(after_in_child=lambda: _silence_child(lepton))
     _apply_thread_count()
-    namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "lepton": lepton}
+    if job.get("cwd"):
+        _enter(job["cwd"])
+    namespace = _main_module(lepton).__dict__
     if job["inputs"] or job.get("inputs_s3"):
         try:  # one pickle: objects that share state in the notebook share it here too
             blob = job["inputs"] if job["inputs"] else staging.fetch(job["inputs_s3"])
@@ -91,6 +94,26 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     result["time"] = time.time()
     writer.send(result, final=True)
     return 0
+
+
+def _main_module(lepton: Lepton) -> types.ModuleType:
+    """The cell runs in a module installed as ``__main__``, as IPython runs a notebook's cells:
+    what it defines pickles by reference (``__main__.square``), so multiprocessing pools,
+    ProcessPoolExecutor and DataLoader workers forked from the rank find it."""
+    module = types.ModuleType("__main__", "the %%lepton cell")
+    module.__dict__.update({"__builtins__": builtins, "lepton": lepton})
+    sys.modules["__main__"] = module
+    return module
+
+
+def _enter(folder: str) -> None:
+    """Run in the notebook's folder, importing its sibling modules, as the notebook does."""
+    try:
+        os.chdir(folder)
+    except OSError as e:
+        print(f"lepton: cannot run in {folder} ({e}); running in {os.getcwd()}", file=sys.stderr)
+        return
+    sys.path.insert(0, folder)
 
 
 def _apply_thread_count() -> None:

@@ -103,6 +103,11 @@ class Backend(ABC):
     def master_addr(self, link: NodeLink) -> str:
         """The address other nodes use to reach rank 0 on ``link``."""
 
+    def rank_cwd(self) -> str | None:
+        """The folder ranks run in, decided when a run is submitted. None (the default): the
+        agent's own folder on the node (remote nodes do not share the notebook's files)."""
+        return None
+
     def shared_memory_dir(self) -> str | None:
         """Where ranks may leave large results for the kernel to map, when they share its
         machine; None (the default) sends them through the pipe."""

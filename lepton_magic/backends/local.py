@@ -55,6 +55,10 @@ class LocalBackend(Backend):
     def master_addr(self, link: NodeLink) -> str:
         return "127.0.0.1"
 
+    def rank_cwd(self) -> str | None:
+        """The notebook's current directory now (after any %cd), as if the cell ran there."""
+        return os.getcwd()
+
     def shared_memory_dir(self) -> str | None:
         if self._shm is None:
             self._shm = sharedmem.default_dir() or ""

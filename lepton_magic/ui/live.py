@@ -13,6 +13,7 @@ import asyncio
 import threading
 import time
 
+from ..errors import RunInterrupted
 from ..run import Run
 from .progress import TextProgress
 
@@ -45,64 +46,83 @@ def follow_blocking(run: Run, status_line: bool = True) -> None:
     """Show the run until it ends (text progress). Ctrl-C cancels it first."""
     progress = TextProgress(run, status_line=status_line)
     try:
-        while not run._live.wait(0.05):
+        while not run.wait_done(0.05):
             progress.tick()
-    except BaseException:
+    except KeyboardInterrupt:
         run.cancel()
         print(f"\ncancelling {run.name} …", flush=True)
-        run._live.wait(10)
+        run.wait_done(10)
+        progress.finish()
+        raise RunInterrupted(run.name) from None
+    except BaseException:
+        run.cancel()
+        run.wait_done(10)
         progress.finish()
         raise
     progress.finish()
 
 
 async def follow_awaiting(run: Run) -> None:
-    """The notebook's blocking follow: the panel, redrawn while the cell awaits the run."""
-    from IPython.display import Image, display
+    """The notebook's blocking follow: the panel, redrawn while the cell awaits the run. An
+    interrupt (the task is cancelled) cancels the run and ends the cell with RunInterrupted."""
+    from IPython.display import display
 
+    panel = _panel(run)
+    handle = display(panel.widget, display_id=True)
+    try:
+        while not run.done:
+            await asyncio.sleep(0.05)
+            panel.update()
+    except (asyncio.CancelledError, KeyboardInterrupt):  # the cell was interrupted
+        _stop(run, panel, handle, say=True)
+        raise RunInterrupted(run.name) from None
+    except BaseException:
+        _stop(run, panel, handle)
+        raise
+    _leave_record(panel, handle)
+    print(TextProgress(run).summary_text())
+
+
+def _stop(run: Run, panel, handle, say: bool = False) -> None:
+    run.cancel()
+    if say:
+        print(f"\ncancelling {run.name} …", flush=True)
+    run.wait_done(10)
+    _leave_record(panel, handle)
+    print(TextProgress(run).summary_text())
+
+
+def _panel(run: Run):
+    """A panel on ``run``, drawn once. The kernel running the run takes new points straight
+    from the store's writer."""
     from .model import RunView
     from .panel import RunPanel
 
-    panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
+    panel = RunPanel(RunView(run._store, run.seq, follow=run.is_live), on_cancel=run.cancel)
     panel.update(force=True)
-    handle = display(panel.widget, display_id=True)
+    return panel
 
-    def finish():
-        panel.update(force=True)
-        if handle is not None:  # the same widget, with the final text for frontends without widgets
-            handle.update(panel.widget)
-        print(TextProgress(run).summary_text())
-        png = panel.static_png()
-        if png:
-            display(Image(png))
 
-    try:
-        while not run._live.done.is_set():
-            await asyncio.sleep(0.05)
-            panel.update()
-    except BaseException:  # the cell was interrupted (CancelledError) or failed
-        run.cancel()
-        print(f"\ncancelling {run.name} …", flush=True)
-        run._live.wait(10)
-        finish()
-        raise
-    finish()
+def _leave_record(panel, handle) -> None:
+    """The run ended: its live panel becomes one static output (header, nodes, curves, final
+    values, what the ranks printed) that a saved or exported notebook shows as it is, and the
+    widgets are closed."""
+    panel.update(force=True)
+    if handle is not None:
+        handle.update(panel.static_bundle(), raw=True)
+    panel.close()
 
 
 def follow_in_background(run: Run, shell) -> threading.Thread | None:
-    """Show a live panel for a run that the cell does not wait for; returns the follower."""
+    """Show a live panel for a run that the cell does not wait for; returns the follower.
+    The record it leaves at the end lands in this cell's output even if another cell runs by
+    then (a display update goes to its display id, wherever that is)."""
     if not widgets_available(shell):
         return None
-    from IPython.display import Image, display
+    from IPython.display import display
 
-    from .model import RunView
-    from .panel import RunPanel
-
-    panel = RunPanel(RunView(run._store, run.seq, follow=run._live is not None), on_cancel=run.cancel)
-    panel.update(force=True)
-    panel_handle = display(panel.widget, display_id=True)
-    # The final PNG lands in this cell's output even if another cell runs by then.
-    handle = display({"text/plain": ""}, raw=True, display_id=True)
+    panel = _panel(run)
+    handle = display(panel.widget, display_id=True)
 
     def loop():
         while not panel.view.finished:
@@ -111,11 +131,7 @@ def follow_in_background(run: Run, shell) -> threading.Thread | None:
                 panel.update()
             except Exception:
                 return
-        png = panel.static_png()
-        if panel_handle is not None:
-            panel_handle.update(panel.widget)
-        if png and handle is not None:
-            handle.update(Image(png))
+        _leave_record(panel, handle)
 
     thread = threading.Thread(target=loop, daemon=True, name=f"lepton-panel-{run.name}")
     thread.start()
@@ -130,12 +146,7 @@ def show(run: Run, shell) -> None:
     if run.status in ("succeeded", "failed", "cancelled"):
         from IPython.display import display
 
-        from .model import RunView
-        from .panel import RunPanel
-
-        panel = RunPanel(RunView(run._store, run.seq))
-        panel.update(force=True)
-        display(panel.widget)
+        display(_panel(run).widget)  # frozen, with its controls, and the static record for saving
         return
     follow_in_background(run, shell)
 

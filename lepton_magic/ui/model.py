@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..store import TERMINAL, Store
+from ..store import TERMINAL, TRACEBACK_STREAM, Store
 from .downsample import Series
 
 #: Lines of log kept per rank for the tail.
 TAIL_LINES = 200
+#: Lines of log a finished run leaves in the saved notebook (the rest: %lepton logs RUN).
+SAVED_LOG_LINES = 200
 #: A node whose heartbeat is older than this shows as late.
 HEARTBEAT_LATE_SECONDS = 10.0
 
@@ -63,6 +65,8 @@ class RunView:
     nodes: list[NodeRow] = field(default_factory=list)
     series: dict[str, dict[int, Series]] = field(default_factory=lambda: defaultdict(dict))
     tails: dict[int, deque] = field(default_factory=dict)
+    #: Each rank's unfinished line as it stands now (a progress bar): shown after its tail.
+    partials: dict[int, str] = field(default_factory=dict)
     new_points: int = 0
     new_lines: int = 0
     _metric_cursor: int = 0
@@ -145,6 +149,10 @@ class RunView:
         for log_id, rank, _stream, line in rows:
             self.tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(line)
             self._log_cursor = log_id
+        if not self.finished:
+            self.partials = self.store.log_partials(self.seq)
+            for rank in self.partials:
+                self.tails.setdefault(rank, deque(maxlen=TAIL_LINES))
 
     def _refresh_run(self) -> None:
         row = self.store.run_row(self.seq)
@@ -195,6 +203,15 @@ class RunView:
             ))
 
     # --- summaries -------------------------------------------------------------------------
+    def saved_log(self, limit: int = SAVED_LOG_LINES) -> tuple[list[str], int]:
+        """The last ``limit`` lines the ranks printed, prefixed by rank when there are several,
+        and how many earlier lines were left out. Tracebacks are left out: the cell's error
+        shows them."""
+        rows, total = self.store.logs_tail(self.seq, limit, skip_stream=TRACEBACK_STREAM)
+        multi = self.header is not None and (self.header.world_size or 1) > 1
+        lines = [f"[rank {rank}] {line}" if multi else line for _id, rank, _stream, line in rows]
+        return lines, total - len(rows)
+
     def final_metrics(self) -> dict[int, dict[str, float]]:
         """The last value of every metric, per rank."""
         out: dict[int, dict[str, float]] = defaultdict(dict)

@@ -9,6 +9,8 @@ saved notebook shows the result without widget state.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import html
 import threading
 import time
@@ -21,6 +23,8 @@ from .model import HEARTBEAT_LATE_SECONDS, NodeRow, RunView
 
 #: Panel redraws per second at most (each is a few comm messages and one PNG of ~30 kB).
 MAX_FPS = 4.0
+#: A finished run's record in the notebook shows the curves of this many metrics at most.
+STATIC_METRICS = 4
 
 STATUS_COLOURS = {
     "queued": "#777", "starting": "#b58900", "running": "#268bd2", "succeeded": "#2e8b57",
@@ -78,11 +82,15 @@ class RunPanel:
         self._last_draw = 0.0
         self._drawn_points = -1
         self._frozen = False
-        self._lock = threading.Lock()
+        # Re-entrant: a widget event handled while this thread draws must not deadlock it.
+        self._lock = threading.RLock()
+        # The thread setting the controls itself, if any: their observers must not redraw then
+        # (ipywidgets calls them synchronously, inside our own update).
+        self._syncing: int | None = None
 
         self.header = w.HTML()
         self.nodes = w.HTML()
-        self.metric = w.Dropdown(options=["loss"], value="loss", description="metric",
+        self.metric = w.Dropdown(options=[], description="metric",
                                  layout=w.Layout(width="220px"))
         self.smoothing = w.FloatSlider(value=0.0, min=0.0, max=0.99, step=0.01, description="smoothing",
                                        readout_format=".2f", layout=w.Layout(width="300px"))
@@ -96,36 +104,50 @@ class RunPanel:
                                    layout=w.Layout(width="220px"))
         self.logs = w.HTML()
         self.logs.add_class("lepton-logs")
+        self.summary = w.HTML()  # the final values, once the run has ended
         self.cancel = w.Button(description="Cancel", button_style="warning", icon="stop",
                                layout=w.Layout(width="110px"))
         self.cancel.add_class("lepton-cancel")
         self.cancel.on_click(self._cancel_clicked)
         for control in (self.metric, self.smoothing, self.log_scale, self.log_rank):
-            control.observe(lambda _change: self.update(force=True), names="value")
+            control.observe(self._control_changed, names="value")
         self.widget = _PanelBox([
             w.HBox([self.header, self.cancel], layout=w.Layout(justify_content="space-between")),
             self.nodes,
             w.HBox([self.metric, self.smoothing, self.log_scale]),
             curve_box,
+            self.summary,
             self.log_rank,
             self.logs,
         ], panel=self)
         self.widget.add_class("lepton-panel")
 
+    @property
+    def frozen(self) -> bool:
+        """The run has ended and the panel shows its final state."""
+        return self._frozen
+
     # --- updates ---------------------------------------------------------------------------
+    def _control_changed(self, _change) -> None:
+        """The person changed the metric, smoothing, scale or log rank: redraw at once."""
+        if self._syncing != threading.get_ident():
+            self.update(force=True)
+
     def update(self, force: bool = False) -> bool:
-        """Redraw from the store if the last frame is old enough (or ``force``); True if drawn."""
+        """Redraw from the store if the last frame is old enough (or ``force``); True if drawn.
+        A frozen panel (the run ended) reads nothing more; its controls still redraw it."""
         now = time.monotonic()
-        if self._frozen or (not force and now - self._last_draw < 1.0 / MAX_FPS):
+        if not force and (self._frozen or now - self._last_draw < 1.0 / MAX_FPS):
             return False
         with self._lock:
             self._last_draw = now
-            view = self.view.refresh()
-            self._draw_header()
-            self._set(self.nodes, node_table(view.nodes))
+            if not self._frozen:
+                view = self.view.refresh()
+                self._draw_header()
+                self._set(self.nodes, node_table(view.nodes))
             self._draw_curve(force)
             self._draw_logs()
-            if view.finished:
+            if not self._frozen and self.view.finished:
                 self._freeze()
         return True
 
@@ -134,9 +156,12 @@ class RunPanel:
             widget.value = value
 
     def _draw_header(self) -> None:
+        self._set(self.header, self._header_html())
+
+    def _header_html(self) -> str:
         h = self.view.header
         if h is None:
-            return
+            return ""
         parts = [f"<b>{html.escape(h.name)}</b> <code>{h.run_id}</code>", _badge(h.status),
                  f"{_num(h.elapsed, '{:.1f} s')}", f"world size {h.world_size or '–'}", f"backend {h.backend}"]
         if h.step is not None:
@@ -148,7 +173,7 @@ class RunPanel:
         text = " · ".join(parts)
         if h.error:
             text += f'<div style="color:#cb4b16">{html.escape(h.error)}</div>'
-        self._set(self.header, text)
+        return text
 
     def _draw_curve(self, force: bool) -> None:
         names = self.view.metric_names
@@ -156,43 +181,68 @@ class RunPanel:
             return
         if list(self.metric.options) != names:
             current = self.metric.value if self.metric.value in names else names[0]
-            self.metric.options = names
-            self.metric.value = current
+            with self._programmatic():
+                self.metric.options = names
+                self.metric.value = current
         total = sum(s.n for per in self.view.series.values() for s in per.values())
         if total == self._drawn_points and not force:
             return
         self._drawn_points = total
-        series = self.view.series.get(self.metric.value, {})
-        self.image.value = self.plot.render(series, self.metric.value, self.smoothing.value, self.log_scale.value)
+        self.image.value = self._render(self.metric.value)
+
+    def _render(self, metric: str) -> bytes:
+        return self.plot.render(self.view.series.get(metric, {}), metric, self.smoothing.value, self.log_scale.value)
 
     def _draw_logs(self) -> None:
         ranks = sorted(self.view.tails)
         options = [("all ranks", -1)] + [(f"rank {r}", r) for r in ranks]
         if list(self.log_rank.options) != options:
-            self.log_rank.options = options
+            with self._programmatic():
+                self.log_rank.options = options
         chosen = self.log_rank.value
         if chosen == -1:
             multi = len(ranks) > 1
-            lines = [f"[{r}] {line}" if multi else line for r in ranks for line in list(self.view.tails[r])[-15:]]
+            lines = [f"[{r}] {line}" if multi else line for r in ranks for line in self._tail(r, 15)]
         else:
-            lines = list(self.view.tails.get(chosen, []))[-30:]
+            lines = self._tail(chosen, 30)
         body = html.escape("\n".join(lines)) or ("(no output)" if self.view.finished else "(no output yet)")
         self._set(self.logs, f'<pre style="max-height:220px;overflow:auto;font-size:85%;margin:0">{body}</pre>')
+
+    def _tail(self, rank: int, count: int) -> list[str]:
+        """A rank's last lines, its unfinished line (a progress bar, as it stands now) last."""
+        lines = list(self.view.tails.get(rank, []))
+        partial = self.view.partials.get(rank)
+        if partial:
+            lines.append(partial)
+        return lines[-count:]
+
+    @contextlib.contextmanager
+    def _programmatic(self):
+        """The panel sets a control itself: its observer, called at once in this thread, must
+        not start another redraw (widget events from other threads still do)."""
+        previous, self._syncing = self._syncing, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._syncing = previous
 
     def _freeze(self) -> None:
         self._frozen = True
         self.cancel.disabled = True
         self.cancel.layout.display = "none"
+        self._set(self.summary, self._summary_html())
+
+    def _summary_html(self) -> str:
         final = self.view.final_metrics()
-        if final:
-            names = self.view.metric_names
-            head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-            rows = "".join(
-                f"<tr><td>rank {r}</td>" + "".join(f"<td>{final[r].get(n, float('nan')):.4g}</td>" for n in names)
-                + "</tr>" for r in sorted(final)
-            )
-            summary = f'<div class="jp-RenderedHTMLCommon"><table><tr><th>final</th>{head}</tr>{rows}</table></div>'
-            self._set(self.logs, summary + self.logs.value)
+        if not final:
+            return ""
+        names = self.view.metric_names
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+        rows = "".join(
+            f"<tr><td>rank {r}</td>" + "".join(f"<td>{final[r].get(n, float('nan')):.4g}</td>" for n in names)
+            + "</tr>" for r in sorted(final)
+        )
+        return f'<div class="jp-RenderedHTMLCommon"><table><tr><th>final</th>{head}</tr>{rows}</table></div>'
 
     def _cancel_clicked(self, _button) -> None:
         self.cancel.disabled = True
@@ -200,13 +250,49 @@ class RunPanel:
         if self._on_cancel is not None:
             self._on_cancel()
 
-    # --- outputs for saved notebooks ------------------------------------------------------------
+    def close(self) -> None:
+        """Close every widget of the panel (their front-end views go, their state is freed)."""
+        for widget in (self.widget, *self._widgets()):
+            widget.close()
+
+    def _widgets(self):
+        stack = list(self.widget.children)
+        while stack:
+            widget = stack.pop()
+            yield widget
+            stack.extend(getattr(widget, "children", ()))
+
+    # --- the record a finished run leaves in the notebook ---------------------------------------
     def static_png(self) -> bytes | None:
-        """The curves of every metric side by side, for the cell's output after the end."""
+        """The curve shown now, as a PNG (None when the run logged no metric)."""
         if not self.view.metric_names:
             return None
-        return self.plot.render(self.view.series.get(self.metric.value, {}), self.metric.value,
-                                self.smoothing.value, self.log_scale.value)
+        return self._render(self.metric.value)
+
+    def static_bundle(self) -> dict:
+        """The finished run as every viewer shows it, widget or not (a saved or exported
+        notebook, papermill, GitHub): header, nodes, curves of each metric, final values and
+        what the ranks printed, as HTML, with PNG and plain-text forms of the same."""
+        lines, earlier = self.view.saved_log()
+        if earlier:
+            lines = [f"… {earlier} more line{'s' if earlier != 1 else ''}: %lepton logs {self.view.header.name}"] + lines
+        text_log = "\n".join(lines)
+        names = self.view.metric_names[:STATIC_METRICS]
+        pngs = [self._render(name) for name in names]
+        images = "".join(
+            f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(name)}" '
+            f'style="width:{"640px" if len(pngs) == 1 else "48%"};margin:2px">'
+            for name, png in zip(names, pngs)
+        )
+        log_html = (f'<pre class="lepton-logs" style="max-height:320px;overflow:auto;font-size:85%;margin:0">'
+                    f"{html.escape(text_log)}</pre>") if lines else ""
+        body = (f'<div class="lepton-panel lepton-static">'
+                f"<div>{self._header_html()}</div>{node_table(self.view.nodes)}"
+                f'<div class="lepton-curve">{images}</div>{self._summary_html()}{log_html}</div>')
+        bundle = {"text/html": body, "text/plain": self.text() + ("\n" + text_log if lines else "")}
+        if pngs:
+            bundle["image/png"] = base64.b64encode(pngs[0]).decode()
+        return bundle
 
     def text(self) -> str:
         h = self.view.header
@@ -216,7 +302,8 @@ class RunPanel:
 
 
 class _PanelBox(w.VBox):
-    """A VBox whose plain-text form (no widget frontend) is a status line, not HBox(children=…)."""
+    """A VBox whose plain-text form (no widget frontend) is a status line, not HBox(children=…);
+    once the run has ended, the static record rides along for viewers without widgets."""
 
     def __init__(self, children, panel: RunPanel):
         super().__init__(children)
@@ -226,9 +313,8 @@ class _PanelBox(w.VBox):
         bundle = super()._repr_mimebundle_(**kwargs)
         if isinstance(bundle, tuple):
             bundle = bundle[0]
-        bundle = dict(bundle or {})
-        bundle["text/plain"] = self._panel.text()
-        return bundle
+        extra = self._panel.static_bundle() if self._panel.frozen else {"text/plain": self._panel.text()}
+        return {**(bundle or {}), **extra}
 
 
 class PoolPanel:
