@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from .errors import LeptonError, RemoteError, RunInterrupted  # noqa: E402
+from .errors import LeptonError, RemoteError  # noqa: E402
 
 if TYPE_CHECKING:
     from .run import Run
@@ -100,5 +100,4 @@ def unload_ipython_extension(ipython) -> None:
     current_session().down()
 
 
-__all__ = ["LeptonError", "RemoteError", "Run", "RunInterrupted", "Session", "current_session", "get_run",
-           "last_run", "runs"]
+__all__ = ["LeptonError", "RemoteError", "Run", "Session", "current_session", "get_run", "last_run", "runs"]

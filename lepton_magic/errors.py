@@ -33,13 +33,10 @@ class RemoteError(LeptonError):
         return [header, ""] + self.remote_traceback.rstrip("\n").splitlines()
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """The cell was interrupted (Ctrl-C, the kernel's interrupt): the run was cancelled. An
-    interrupted cell ends with one line, as any interrupted cell does, not with our frames."""
-
-    def __init__(self, run: str):
-        super().__init__(f"{run} was cancelled")
-        self.run = run
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"KeyboardInterrupt: {self}"]
+def run_interrupted(run: str) -> KeyboardInterrupt:
+    """What an interrupted ``%%lepton`` cell raises once its run is cancelled: a plain
+    KeyboardInterrupt, as any interrupted cell ends with, shown as one line (IPython uses an
+    exception's ``_render_traceback_``) instead of frames inside this package."""
+    error = KeyboardInterrupt(f"{run} was cancelled")
+    error._render_traceback_ = lambda: [f"KeyboardInterrupt: {run} was cancelled"]  # type: ignore[attr-defined]
+    return error

@@ -49,6 +49,11 @@ class Run:
         else:
             display({"text/plain": repr(self), "text/html": self._repr_html_()}, raw=True)
 
+    @property
+    def store(self) -> Store:
+        """The store the run lives in (views read its metrics and logs from there)."""
+        return self._store
+
     def _row(self) -> dict:
         row = self._store.run_row(self.seq)
         if row is None:
@@ -94,14 +99,32 @@ class Run:
 
     @property
     def world_size(self) -> int | None:
+        if self._live is not None and self._live.world_size:
+            return self._live.world_size
         return self._row()["world_size"]
 
     @property
+    def node_count(self) -> int:
+        """How many nodes the run got."""
+        if self._live is not None:
+            return len(self._live.nodes)
+        return self._store.execute("SELECT COUNT(*) FROM run_nodes WHERE run=?", (self.seq,))[0][0]
+
+    @property
     def duration(self) -> float | None:
+        live = self._live
+        if live is not None and live.done.is_set():  # in memory already: no store round trip
+            return (live.ended_at or time.time()) - live.started_at if live.started_at else None
         row = self._row()
         if not row["started"]:
             return None
         return (row["ended"] or time.time()) - row["started"]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the run's placement or end had to say (a node without GPU, ranks that did not
+        confirm they stopped)."""
+        return list(self._live.notes) if self._live is not None else []
 
     @property
     def error(self) -> LeptonError | None:

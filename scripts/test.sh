@@ -7,5 +7,7 @@ python3 -m pip install -q -e ".[test]"
 bash scripts/ci_browser_deps.sh || echo "test.sh: browser dependencies not installed; browser tests will skip"
 # OpenSSH's server for the ssh backend tests (same: root, or they skip).
 bash scripts/ci_ssh_deps.sh || echo "test.sh: sshd not installed; ssh tests will skip"
+# tmux, for the test that reads the terminal progress line off a real screen (same: root, or it skips).
+bash scripts/ci_tmux_deps.sh || echo "test.sh: tmux not installed; the terminal progress test will skip"
 export LEPTON_HOME="${LEPTON_HOME:-$(mktemp -d)}"
 python3 -m pytest -q "$@"

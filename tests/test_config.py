@@ -58,7 +58,7 @@ def test_terminal_progress_redraws_one_line(ip):
     run = lm.current_session().submit("import time\nfor i in range(15):\n    lepton.log(step=i, loss=1 / (i + 1))\n"
                               "    time.sleep(0.1)\nprint('done')\n", {}, nodes=1)
     out = io.StringIO()
-    progress = TextProgress(run, out=out)
+    progress = TextProgress(run, out=out, terminal=True)
     progress_module.QUIET_SECONDS = 0.2
     try:
         while not run._live.wait(0.05):
@@ -67,6 +67,6 @@ def test_terminal_progress_redraws_one_line(ip):
         progress_module.QUIET_SECONDS = 1.0
     progress.finish()
     text = out.getvalue()
-    assert "\r⏳ " + run.name in text and "step " in text and "loss " in text
+    assert "\r\x1b[K⏳ " + run.name in text and "step " in text and "loss " in text
     assert text.rstrip().splitlines()[-1].startswith(f"✓ {run.name} succeeded")
     assert "done" in text

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 
-from ..errors import RunInterrupted
+from ..errors import run_interrupted
 from ..run import Run
 from .progress import TextProgress
 
@@ -53,7 +53,7 @@ def follow_blocking(run: Run, status_line: bool = True) -> None:
         print(f"\ncancelling {run.name} …", flush=True)
         run.wait_done(10)
         progress.finish()
-        raise RunInterrupted(run.name) from None
+        raise run_interrupted(run.name) from None
     except BaseException:
         run.cancel()
         run.wait_done(10)
@@ -64,7 +64,7 @@ def follow_blocking(run: Run, status_line: bool = True) -> None:
 
 async def follow_awaiting(run: Run) -> None:
     """The notebook's blocking follow: the panel, redrawn while the cell awaits the run. An
-    interrupt (the task is cancelled) cancels the run and ends the cell with RunInterrupted."""
+    interrupt (the task is cancelled) cancels the run and ends the cell with one KeyboardInterrupt line."""
     from IPython.display import display
 
     panel = _panel(run)
@@ -75,7 +75,7 @@ async def follow_awaiting(run: Run) -> None:
             panel.update()
     except (asyncio.CancelledError, KeyboardInterrupt):  # the cell was interrupted
         _stop(run, panel, handle, say=True)
-        raise RunInterrupted(run.name) from None
+        raise run_interrupted(run.name) from None
     except BaseException:
         _stop(run, panel, handle)
         raise
@@ -98,7 +98,7 @@ def _panel(run: Run):
     from .model import RunView
     from .panel import RunPanel
 
-    panel = RunPanel(RunView(run._store, run.seq, follow=run.is_live), on_cancel=run.cancel)
+    panel = RunPanel(RunView(run.store, run.seq, follow=run.is_live), on_cancel=run.cancel)
     panel.update(force=True)
     return panel
 

@@ -1,48 +1,86 @@
-"""A compact text view of a running run: rank output as it arrives, one status line that is
-redrawn in place, and a one-line summary at the end. Everything it shows comes from the store."""
+"""A compact text view of a running run: rank output as it arrives, a status line, and a
+one-line summary at the end. Everything it shows comes from the store.
+
+On a terminal the status line is redrawn in place (carriage return, then "erase to the end of the
+line"). Anywhere else (a CI log, a pipe, ``python script.py > log``) nothing is redrawn, as tqdm
+does off a terminal: one line when the run starts, a progress line every
+``PLAIN_PROGRESS_SECONDS`` (30 s; the ``LEPTON_PROGRESS_INTERVAL`` environment variable sets it,
+in seconds, when the module is imported), the rank output, and the summary, with no carriage
+returns and no escape codes."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import unicodedata
 from typing import TextIO
 
 from ..run import Run
+from ..store import TRACEBACK_STREAM
 
 #: Redraws of the status line are at most this frequent.
 MIN_REDRAW_SECONDS = 0.25
 #: A run shorter than this gets only its summary, no status line.
 QUIET_SECONDS = 1.0
 
+
+def _seconds_from_env(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default
+
+
+#: Off a terminal, a progress line is printed at most this often.
+PLAIN_PROGRESS_SECONDS = _seconds_from_env("LEPTON_PROGRESS_INTERVAL", 30.0)
+#: Back to the start of the line and erase to its end: what a redraw leaves behind does not depend
+#: on how many columns the old text took (⏳ takes two).
+ERASE_LINE = "\r\x1b[K"
+
 MARKS = {"succeeded": "✓", "failed": "✗", "cancelled": "■"}
 
 
 class TextProgress:
-    """Where no widget frontend is attached: the status line is redrawn with a carriage return.
-    (Notebooks get the panel, ui/panel.py.)"""
+    """Where no widget frontend is attached (notebooks get the panel, ui/panel.py). ``terminal``
+    says whether ``out`` is a terminal; by default ``out.isatty()`` decides."""
 
-    def __init__(self, run: Run, out: TextIO | None = None, show_logs: bool = True, status_line: bool = True):
+    def __init__(self, run: Run, out: TextIO | None = None, show_logs: bool = True, status_line: bool = True,
+                 terminal: bool | None = None):
         self.run = run
         self.out = out or sys.stdout
         self.show_logs = show_logs
         self.status_line = status_line
+        self.terminal = _is_terminal(self.out) if terminal is None else terminal
         self._last_log = 0
-        self._drawn = 0  # width of the status line on screen, 0 when none
+        self._drawn = False  # a status line is on screen (terminal only)
         self._last_draw = 0.0
+        self._announced = False  # the start line is out (off a terminal only)
         self._t0 = time.monotonic()
 
     def tick(self) -> None:
         try:
+            if not self.terminal:
+                self._announce()
             self._print_logs()
             now = time.monotonic()
-            if self.status_line and now - self._t0 > QUIET_SECONDS and now - self._last_draw >= MIN_REDRAW_SECONDS:
-                self._draw(self.status_text())
+            if not self.status_line:
+                return
+            if self.terminal:
+                if now - self._t0 > QUIET_SECONDS and now - self._last_draw >= MIN_REDRAW_SECONDS:
+                    self._draw(self.status_text())
+                    self._last_draw = now
+            elif now - self._last_draw >= PLAIN_PROGRESS_SECONDS:
+                print(self.status_text(), file=self.out, flush=True)
                 self._last_draw = now
         except Exception as e:  # a display problem must never stop (or orphan) the run
             self.status_line = self.show_logs = False
             print(f"(progress display stopped: {type(e).__name__}: {e})", file=self.out)
 
     def finish(self) -> None:
+        if not self.terminal:
+            self._announce()
         self._print_logs()
         self._clear()
         print(self.summary_text(), file=self.out, flush=True)
@@ -53,7 +91,7 @@ class TextProgress:
         parts = [f"⏳ {run.name}", run.status]
         if run.world_size:
             parts.append(f"{run.world_size} rank{'s' if run.world_size != 1 else ''}")
-        latest = run._store.latest_metrics(run.seq)
+        latest = run.store.latest_metrics(run.seq)
         if latest:
             step = max(s for s, _v in latest.values())
             parts.append(f"step {step}")
@@ -62,13 +100,14 @@ class TextProgress:
         parts.append(f"{time.monotonic() - self._t0:.1f} s")
         return " · ".join(parts)
 
+    def start_text(self) -> str:
+        world = self.run.world_size
+        ranks = f" · {world} rank{'s' if world != 1 else ''}" if world else ""
+        return f"⏳ {self.run.name} started{ranks}"
+
     def summary_text(self) -> str:
-        run, live = self.run, self.run._live
-        if live is not None and live.done.is_set():  # in memory already: no store round trips
-            status, world, nodes = live.status, live.world_size, len(live.nodes)
-            duration = (live.ended_at or time.time()) - live.started_at if live.started_at else None
-        else:
-            status, world, nodes, duration = run.status, run.world_size, len(run.nodes), run.duration
+        run = self.run
+        status, world, nodes, duration = run.status, run.world_size, run.node_count, run.duration
         took = f"{duration:.3g} s" if duration is not None else "-"
         text = (f"{MARKS.get(status, '·')} {run.name} {status} in {took} on {nodes} "
                 f"node{'s' if nodes != 1 else ''} (world size {world})")
@@ -78,7 +117,7 @@ class TextProgress:
                 text += " · bound: " + ", ".join(bound)
         for name, why in sorted(run.skipped.items()):
             text += f"\n  ! {name} was not returned: {why}"
-        for note in (live.notes if live is not None else []):
+        for note in run.notes:
             text += f"\n  · {note}"
         return text
 
@@ -86,28 +125,71 @@ class TextProgress:
     def _print_logs(self) -> None:
         if not self.show_logs:
             return
-        rows = self.run._store.logs_since(self.run.seq, self._last_log)
+        rows = self.run.store.logs_since(self.run.seq, self._last_log)
         if not rows:
             return
         self._clear()
         multi = (self.run.world_size or 1) > 1
         lines = []
-        for log_id, rank, _stream, line in rows:
-            lines.append(f"[rank {rank}] {line}" if multi else line)
+        for log_id, rank, stream, line in rows:
             self._last_log = log_id
+            if stream != TRACEBACK_STREAM:  # the error raised at the end shows it
+                lines.append(f"[rank {rank}] {line}" if multi else line)
+        if not lines:
+            return
         print("\n".join(lines), file=self.out, flush=True)
 
+    def _announce(self) -> None:
+        if self.status_line and not self._announced:
+            self._announced = True
+            self._last_draw = time.monotonic()  # the next progress line is one interval away
+            print(self.start_text(), file=self.out, flush=True)
+
     def _draw(self, text: str) -> None:
-        pad = " " * max(0, self._drawn - len(text))
-        self.out.write("\r" + text + pad)
+        # A line wider than the screen would wrap, and the erase only reaches its last row.
+        columns = _columns(self.out)
+        if columns:
+            text = _fit(text, columns - 1)
+        self.out.write(ERASE_LINE + text)
         self.out.flush()
-        self._drawn = len(text)
+        self._drawn = True
 
     def _clear(self) -> None:
         if self._drawn:
-            self.out.write("\r" + " " * self._drawn + "\r")
+            self.out.write(ERASE_LINE)
             self.out.flush()
-            self._drawn = 0
+            self._drawn = False
+
+
+def _is_terminal(out) -> bool:
+    try:
+        return bool(out.isatty())
+    except Exception:  # no isatty, or a closed or detached stream
+        return False
+
+
+def _columns(out) -> int | None:
+    try:
+        return os.get_terminal_size(out.fileno()).columns or None
+    except Exception:  # not a real file descriptor (a StringIO), or no size
+        return None
+
+
+def _width(char: str) -> int:
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _fit(text: str, columns: int) -> str:
+    """``text`` cut to at most ``columns`` screen columns, with an ellipsis where it was cut."""
+    if sum(_width(c) for c in text) <= columns:
+        return text
+    used, kept = 1, []  # the ellipsis takes one column
+    for char in text:
+        used += _width(char)
+        if used > columns:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
 
 
 def _number(value: float | None) -> str:
