@@ -85,9 +85,11 @@ def load_ipython_extension(ipython) -> None:
     on_kernel_shutdown(ipython, session_.close)
     from .ui import live
 
-    if live.widgets_available(ipython) and live.await_lepton_cells not in ipython.input_transformers_post:
-        # In a notebook a blocking %%lepton cell awaits its run, so the Cancel button works.
-        ipython.input_transformers_post.append(live.await_lepton_cells)
+    if live.widgets_available(ipython):
+        live.prefetch_panel()
+        if live.await_lepton_cells not in ipython.input_transformers_post:
+            # In a notebook a blocking %%lepton cell awaits its run, so the Cancel button works.
+            ipython.input_transformers_post.append(live.await_lepton_cells)
     # Outputs of --async runs are bound before the next cell, never in the middle of one.
     ipython.events.register("pre_run_cell", lambda *args: session_.bind_pending())
 

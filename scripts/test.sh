@@ -9,5 +9,7 @@ bash scripts/ci_browser_deps.sh || echo "test.sh: browser dependencies not insta
 bash scripts/ci_ssh_deps.sh || echo "test.sh: sshd not installed; ssh tests will skip"
 # tmux, for the test that reads the terminal progress line off a real screen (same: root, or it skips).
 bash scripts/ci_tmux_deps.sh || echo "test.sh: tmux not installed; the terminal progress test will skip"
+# Node environments of the oldest and newest supported Pythons (agent dependencies only, no torch).
+bash scripts/ci_node_pythons.sh || echo "test.sh: other Pythons' node environments not made; their tests will skip"
 export LEPTON_HOME="${LEPTON_HOME:-$(mktemp -d)}"
 python3 -m pytest -q "$@"

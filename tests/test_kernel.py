@@ -3,6 +3,8 @@ are not called loss, interrupting a cell, restarting the kernel mid-run."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import pytest
@@ -114,3 +116,34 @@ def test_a_kernel_restart_during_a_run_says_so(home, tmp_path):
         assert row["status"] == "cancelled" and row["reason"] == RESTARTED, row
     finally:
         k.stop()
+
+
+def test_a_saved_and_exported_notebook_shows_what_the_ranks_printed(tmp_path, home):
+    """Regression: rank output lived only inside the widget; a saved, exported or papermill-run
+    notebook held the summary line and a PNG, nothing the ranks printed."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext lepton_magic"),
+        nbformat.v4.new_code_cell("%%lepton --nodes 2 --name exported\nfor step in range(5):\n"
+                                  "    print(f'step {step} of rank {lepton.rank}')\n"
+                                  "    lepton.log(step=step, loss=1 / (step + 1))\n"),
+    ])
+    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=dict(os.environ, LEPTON_HOME=home))
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nb, path)
+    saved = nbformat.read(path, as_version=4)
+    outputs = saved.cells[1].outputs
+    records = [o for o in outputs if o.output_type == "display_data"]
+    assert len(records) == 1, [o.output_type for o in outputs]
+    data = records[0].data
+    assert "application/vnd.jupyter.widget-view+json" not in data
+    assert "[rank 1] step 4 of rank 1" in data["text/plain"] and "image/png" in data
+    html_page, _resources = HTMLExporter().from_notebook_node(saved)
+    assert "[rank 0] step 0 of rank 0" in html_page and "[rank 1] step 4 of rank 1" in html_page
+    assert html_page.count('src="data:image/png;base64') == 1  # the curves once, inside the record
+    state = json.dumps(saved.metadata.get("widgets", {}))
+    assert "iVBORw0KGgo" not in state, "the closed panel's curves are saved again in the widget state"

@@ -43,6 +43,10 @@ class LocalBackend(Backend):
                     stderr=agent_log,
                     bufsize=0,
                     env=env,
+                    # Not the notebook's folder: `-m` puts the current folder first on sys.path, and
+                    # a user's psutil.py or msgpack.py there must not replace the agent's own.
+                    # Ranks move to the notebook's folder for each run (rank_cwd).
+                    cwd=log_dir,
                     # Its own session: a terminal's Ctrl-C reaches the kernel, which cancels
                     # the run itself; the agent must not die half-way on the same signal.
                     start_new_session=True,

@@ -88,7 +88,11 @@ class LeptonManager:
             name: {str(rank): _pairs(*minmax(s.x, s.y, CURVE_BUCKETS)) for rank, s in per_rank.items()}
             for name, per_rank in view.series.items()
         }
-        out["logs"] = {str(rank): list(lines)[-LOG_LINES:] for rank, lines in view.tails.items()}
+        # Each rank's unfinished line (a progress bar, as it stands now) comes last.
+        out["logs"] = {}
+        for rank, lines in view.tails.items():
+            shown = list(lines) + ([view.partials[rank]] if rank in view.partials else [])
+            out["logs"][str(rank)] = shown[-LOG_LINES:]
         return out
 
     def _summary(self, row: dict) -> dict:

@@ -251,7 +251,11 @@ class RunPanel:
             self._on_cancel()
 
     def close(self) -> None:
-        """Close every widget of the panel (their front-end views go, their state is freed)."""
+        """Close every widget of the panel (their front-end views go, their state is freed).
+        The large values are emptied first: a client that keeps the state of every widget it
+        saw (nbclient, papermill) then saves kilobytes, not the curves and logs again."""
+        for widget in (self.image, self.logs, self.nodes):
+            widget.value = b"" if widget is self.image else ""
         for widget in (self.widget, *self._widgets()):
             widget.close()
 

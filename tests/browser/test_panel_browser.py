@@ -8,7 +8,9 @@ The panel's DOM contract (lepton_magic/ui/panel.py):
 - root ``.lepton-panel``; status badge ``.lepton-status`` whose text is the run status;
 - one ``.lepton-node-row`` per node; the live curve is ``.lepton-curve img`` (its src changes on
   each redraw); the Cancel button ``.lepton-cancel``;
-- after the run, a static PNG of the curves as an ordinary output (an img outside the panel).
+- after the run, the live panel is replaced by one static record ``.lepton-panel.lepton-static``
+  (same badge, node rows and ``.lepton-curve img``, plus what the ranks printed), the only output
+  showing the curves: what a saved or exported notebook shows too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 for i in range(40):
     lepton.log(step=i, loss=1 / (i + 1))
     time.sleep(0.1)
+print(f"rank {lepton.rank} is done")
 """
 
 LONG_RUN = """%%lepton --nodes 2
@@ -39,13 +42,12 @@ for i in range(600):  # 60 s unless cancelled
     time.sleep(0.1)
 """
 
-# JS: imgs in cell `i`'s output area that are not inside the panel (the static PNG after the end).
-STATIC_IMGS_JS = """([panelSel, i]) => {
+# JS: the srcs of every img in cell `i`'s output area, and whether each sits in the static record.
+IMGS_JS = """([panelSel, i]) => {
     const cell = document.querySelectorAll(panelSel + ' .jp-Notebook .jp-Cell')[i];
     if (!cell) return [];
     return Array.from(cell.querySelectorAll('.jp-OutputArea img'))
-        .filter(img => !img.closest('.lepton-panel'))
-        .map(img => (img.getAttribute('src') || '').slice(0, 40));
+        .map(img => [(img.getAttribute('src') || '').slice(0, 40), !!img.closest('.lepton-static')]);
 }"""
 NB_PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 
@@ -80,7 +82,8 @@ def test_lab_runs_a_cell(notebook, lab, shot, page):
 @pytest.mark.timeout(300)
 def test_panel_shows_a_run_to_its_end(notebook, shot, page):
     """Test A: a 2-node run of ~4 s: the panel appears with 2 node rows, the live curve is redrawn
-    during the run, the status ends 'succeeded' and a static PNG is left as an output."""
+    during the run, the status ends 'succeeded' and the panel becomes one static record holding
+    the curves and what the ranks printed."""
     nb = notebook([LOAD, SHORT_RUN], "panel_short_run")
     nb.run_and_wait(0, timeout=60)
     nb.run(1)
@@ -107,7 +110,7 @@ def test_panel_shows_a_run_to_its_end(notebook, shot, page):
             page.wait_for_timeout(100)
         nb.wait_done(1, timeout=60)
         nb.wait_idle()
-        page.wait_for_timeout(300)  # the final redraw and the static PNG
+        page.wait_for_timeout(300)  # the final redraw and the record
     finally:
         path = shot("panel_short_run")
         print(f"\nscreenshot {path}")
@@ -117,12 +120,14 @@ def test_panel_shows_a_run_to_its_end(notebook, shot, page):
     assert rows.count() == 2
     assert len(srcs) >= 2, f"the .lepton-curve img src changed {max(len(srcs) - 1, 0)} times during the run"
     assert _status(panel) == "succeeded", f"statuses seen: {statuses}"
-    static = page.evaluate(STATIC_IMGS_JS, [NB_PANEL, 1])
-    assert static, "no static PNG output outside .lepton-panel after the run"
-    assert any(s.startswith("data:image/png") for s in static), f"output imgs outside the panel: {static}"
-    last = nb.output(1).locator("img").last
-    last.scroll_into_view_if_needed()
-    print(f"static PNG: {shot('panel_short_run_static')}")
+    imgs = page.evaluate(IMGS_JS, [NB_PANEL, 1])
+    assert len(imgs) == 1, f"the curves show {len(imgs)} times under the cell: {imgs}"
+    src, in_record = imgs[0]
+    assert in_record and src.startswith("data:image/png"), imgs
+    record = nb.cell(1).locator(".lepton-static")
+    assert record.count() == 1 and "[rank 1] rank 1 is done" in record.first.inner_text()
+    record.first.scroll_into_view_if_needed()
+    print(f"record: {shot('panel_short_run_static')}")
 
 
 @pytest.mark.timeout(300)
