@@ -1,7 +1,8 @@
 """What a cell needs and what it gives back, found by reading its AST (nothing is executed).
 
 - ``check_syntax``: reject a broken cell before any node is touched.
-- ``free_names``: names the cell reads before it binds them: candidates for shipping by value.
+- ``free_names``: names some path of the cell may read before the cell binds them: candidates
+  for shipping by value (the analysis is in ``freenames``).
 - ``assigned_names``: names the cell binds at top level: what comes back to the notebook.
 
 Line numbers are those of the notebook cell, where the ``%%lepton`` line is line 1, so a
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import ast
 import builtins
-import symtable
 import sys
 from dataclasses import dataclass
+
+from . import freenames
 
 #: Filename the cell is compiled under on the nodes; tracebacks show it.
 CELL_FILENAME = "<lepton cell>"
@@ -61,34 +63,22 @@ def check_syntax(code: str, offset: int = MAGIC_LINE_OFFSET) -> ast.Module:
         raise CellSyntaxError(message, e.lineno or 0, text, e.offset or 0) from None
 
 
-def _referenced(stmt: ast.stmt) -> set[str]:
-    """Names one top-level statement reads from the global scope, nested scopes included."""
-    table = symtable.symtable(ast.unparse(ast.Module([stmt], [])), "<stmt>", "exec")
-    names: set[str] = set()
-    stack = [table]
-    while stack:
-        t = stack.pop()
-        for sym in t.get_symbols():
-            if t is table:
-                if sym.is_referenced():
-                    names.add(sym.get_name())
-            elif sym.is_global() and sym.is_referenced():
-                names.add(sym.get_name())
-        stack.extend(t.get_children())
-    for node in ast.walk(stmt):
-        # ``y += 1`` reads y first; symtable only reports the store.
-        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-        # A class body's names resolve globally too; symtable reports them as class locals.
-        if isinstance(node, ast.ClassDef):
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Load):
-                    names.add(inner.id)
+_TRY_STATEMENTS = (ast.Try, ast.TryStar) if hasattr(ast, "TryStar") else (ast.Try,)
+
+
+def _captured(pattern: ast.pattern) -> set[str]:
+    """Names a ``case`` pattern binds."""
+    names = set()
+    for n in ast.walk(pattern):
+        if isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            names.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            names.add(n.rest)
     return names
 
 
-def _bound(stmt: ast.stmt, definitely: bool) -> set[str]:
-    """Names a top-level statement binds. With ``definitely``, only unconditional bindings."""
+def _bound(stmt: ast.stmt) -> set[str]:
+    """Names a top-level statement may bind, on any path."""
     names: set[str] = set()
 
     def targets(node: ast.AST) -> None:
@@ -115,38 +105,40 @@ def _bound(stmt: ast.stmt, definitely: bool) -> set[str]:
             if item.optional_vars is not None:
                 targets(item.optional_vars)
         for inner in stmt.body:
-            names |= _bound(inner, definitely)
-    elif not definitely and isinstance(stmt, (ast.For, ast.AsyncFor, ast.While, ast.If, ast.Try)):
+            names |= _bound(inner)
+    elif isinstance(stmt, (ast.For, ast.AsyncFor, ast.While, ast.If, *_TRY_STATEMENTS)):
         if isinstance(stmt, (ast.For, ast.AsyncFor)):
             targets(stmt.target)
         blocks = [stmt.body, getattr(stmt, "orelse", [])]
-        if isinstance(stmt, ast.Try):
+        if isinstance(stmt, _TRY_STATEMENTS):
             blocks += [stmt.finalbody] + [h.body for h in stmt.handlers]
             names |= {h.name for h in stmt.handlers if h.name}
         for block in blocks:
             for inner in block:
-                names |= _bound(inner, definitely)
+                names |= _bound(inner)
+    elif isinstance(stmt, ast.Match):
+        for case in stmt.cases:
+            names |= _captured(case.pattern)
+            for inner in case.body:
+                names |= _bound(inner)
     # Walrus targets bind in the enclosing (here: global) scope wherever they appear.
     for n in ast.walk(stmt):
-        if isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name) and not definitely:
+        if isinstance(n, ast.NamedExpr) and isinstance(n.target, ast.Name):
             names.add(n.target.id)
     return names
 
 
 def free_names(tree: ast.Module) -> list[str]:
-    """Names read before the cell binds them unconditionally, in order of first use.
+    """Names some path of the cell may read before the cell binds them, in order of first use
+    (see ``freenames``).
 
     Builtins and the names the node provides (``lepton``) are left out; whether a free name
     exists in the notebook is for the caller to decide.
     """
-    bound: set[str] = set()
-    free: dict[str, None] = {}
-    for stmt in tree.body:
-        for name in sorted(_referenced(stmt) - bound):
-            if name not in _BUILTINS and name not in _PROVIDED:
-                free.setdefault(name)
-        bound |= _bound(stmt, definitely=True)
-    return list(free)
+    return [
+        name for name in freenames.names_read_before_bound(tree)
+        if name not in _BUILTINS and name not in _PROVIDED
+    ]
 
 
 def assigned_names(tree: ast.Module) -> list[str]:
@@ -155,7 +147,7 @@ def assigned_names(tree: ast.Module) -> list[str]:
     for stmt in tree.body:
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
             continue
-        for name in sorted(_bound(stmt, definitely=False)):
+        for name in sorted(_bound(stmt)):
             if not name.startswith("_") and name not in _PROVIDED:
                 out.setdefault(name)
     return list(out)

@@ -129,3 +129,22 @@ def test_the_node_side_imports_nothing_of_the_kernel_side():
             "print(sorted(kernel_side & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_names_the_cell_binds_itself_are_not_shipped(ip, run_cell, tmp_path):
+    """Regression: `with open(...) as f` was refused ("cannot send 'f'") when the notebook had a
+    closed file `f`, and `for batch in ...` shipped the notebook's 100 MB `batch`."""
+    import torch
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember\n")
+    with open(notes) as f:
+        ip.user_ns["f"] = f
+    ip.user_ns["batch"] = torch.zeros(25_000_000)  # 100 MB
+    ip.user_ns["notes_path"] = str(notes)
+    result, out = run_cell("%%lepton\nwith open(notes_path) as f:\n    text = f.read()\n"
+                           "total = 0\nfor batch in range(3):\n    total += batch\n")
+    assert result.success, out
+    assert ip.user_ns["text"] == "remember\n" and ip.user_ns["total"] == 3
+    assert lm.last_run().store.run_row(lm.last_run().id)["inputs"] == '["notes_path"]'
+    del ip.user_ns["batch"], ip.user_ns["f"]
