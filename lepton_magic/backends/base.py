@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -26,6 +27,9 @@ class NodeLink:
         self.alive = True
         self.broken = False
         self.rejected = 0
+        #: When the last frame from the agent arrived (time.monotonic()): heartbeats come every
+        #: 2 s, so a node silent for much longer is hung (SIGSTOPped, a half-open connection).
+        self.last_heard = time.monotonic()
         self._writer = FrameWriter(write_fd, secret)
         self._reader = FrameReader(read_fd, secret, source=f"node {name}")
         self._on_message = on_message
@@ -62,6 +66,7 @@ class NodeLink:
         reason = "the agent exited"
         try:
             for message in self._reader:
+                self.last_heard = time.monotonic()
                 if message.get("t") == "node":
                     self.facts = message
                     self.ready.set()
@@ -79,6 +84,10 @@ class NodeLink:
             reason = f"reading from the agent failed ({type(e).__name__}: {e})"
         finally:
             self.rejected = self._reader.rejected
+        self._lost(reason)
+
+    def lose(self, reason: str) -> None:
+        """Give up on the node (it stopped answering): its runs learn of it as of a crash."""
         self._lost(reason)
 
     def _lost(self, reason: str) -> None:
