@@ -48,11 +48,45 @@ def _route(ip: ipaddress.IPv4Address) -> str | None:
     return best[1] if best else None
 
 
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8 and ::1 (127.0.0.2 too: Ray's tests use it), and the name localhost."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str | None:
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and is_loopback(a.address) for a in addresses):
+            return name
+    return None
+
+
+def listen_on(host: str, port: int) -> socket.socket | None:
+    """A listening TCP socket on ``host:port`` (an address of this machine), or None when
+    ``host`` is not one of its addresses (behind NAT): then torch listens everywhere."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return None
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def socket_env(master_addr: str, env: dict[str, str]) -> dict[str, str]:
-    """GLOO/NCCL_SOCKET_IFNAME for a rank, unless rank 0 is on loopback or the user chose."""
-    if master_addr in ("127.0.0.1", "localhost", "::1"):
-        return {}
-    iface = interface_for(master_addr)
+    """GLOO/NCCL_SOCKET_IFNAME for a rank (unless the user chose): the interface that routes to
+    rank 0, the loopback one when rank 0 is on loopback (so gloo listens there only)."""
+    iface = loopback_interface() if is_loopback(master_addr) else interface_for(master_addr)
     out = {}
     if iface:
         for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):

@@ -136,14 +136,25 @@ class Lepton:
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
         backend = backend or ("nccl" if use_cuda and dist.is_nccl_available() else "gloo")
-        dist.init_process_group(
-            backend,
-            init_method="env://",
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = self._rendezvous(dist, timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         return dist
+
+    def _rendezvous(self, dist, timeout):
+        """The store the ranks meet at (torchrun's env:// rendezvous, on MASTER_ADDR:MASTER_PORT).
+        Rank 0 listens only where the other ranks reach it (loopback for local nodes), not on
+        every interface as torch's own listener does."""
+        import os
+
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        listener = network.listen_on(host, port) if self.rank == 0 else None
+        try:
+            return dist.TCPStore(host, port, self.world_size, self.rank == 0, timeout=timeout,
+                                 master_listen_fd=listener.fileno() if listener else None)
+        finally:
+            if listener is not None:
+                listener.close()  # the store holds its own copy of the descriptor
 
     def barrier(self) -> None:
         dist = sys.modules.get("torch.distributed")
