@@ -23,9 +23,16 @@ PLANNED_BACKENDS = ("ray",)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
-    """``"90s"``, ``"30m"``, ``"2h"``, ``"1.5"`` (seconds) → seconds; ``none``/``off`` → None."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1.5"`` (seconds) → seconds; ``none``/``off`` → None.
+    A TOML ``true`` is not one second, and nothing lasts zero or fewer seconds."""
+    if text is None:
+        return None
+    if isinstance(text, bool):
+        raise ValueError(f"expected a duration like 90s, 30m or 2h, got {str(text).lower()}")
+    if isinstance(text, (int, float)):
+        if not text > 0:  # NaN too
+            raise ValueError(f"expected a positive duration like 90s, 30m or 2h, got {text!r}")
+        return float(text)
     raw = str(text).strip().lower()
     if raw in ("", "none", "off", "never"):
         return None
@@ -38,7 +45,7 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 def parse_count(text: str | int, what: str, minimum: int = 1) -> int:
     try:
-        value = int(str(text).strip())
+        value = None if isinstance(text, (bool, float)) else int(str(text).strip())
     except ValueError:
         value = None
     if value is None or value < minimum:
@@ -99,6 +106,9 @@ SETTINGS: dict[str, Setting] = {
                     "GPUs (rank processes) per node; none = every GPU the node has"),
     "idle_timeout": Setting(1800.0, parse_duration, "release an idle pool after this long (off to keep it)"),
     "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
+    "max_nodes": Setting(64, lambda v: parse_count(v, "max_nodes"), "most nodes one run or pool may ask for"),
+    "heartbeat_timeout": Setting(10.0, parse_duration,
+                                 "a node silent this long (it beats every 2 s) is lost: hung, or its link half-open"),
     "preload": Setting("torch,numpy,pandas", str, "modules each node imports ahead of runs (comma-separated)"),
     "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
     "ssh_hosts": Setting("", _parse_hosts, "ssh backend: user@host:port,... (node i runs on host i)"),
@@ -146,9 +156,13 @@ class Config:
         path = config_file()
         if path.exists():
             try:
-                data = tomllib.loads(path.read_text())
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{path} is not valid TOML: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): TOML files are UTF-8") from None
+            except OSError as e:
+                raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from None
             for key, value in data.items():
                 config._set_from(key, value, str(path))
         for key in SETTINGS:

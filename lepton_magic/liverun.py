@@ -15,7 +15,7 @@ from typing import Callable
 
 import msgpack
 
-from . import sharedmem, values
+from . import private, sharedmem, values
 from .backends import NodeLink
 from .errors import LeptonError, RemoteError
 from .store import TRACEBACK_STREAM, Store
@@ -361,11 +361,11 @@ class LiveRun:
         """Keep the pickled outputs beside the store, so a later process can read run.outputs."""
         try:
             folder = outputs_dir(self.store, self.id)
-            folder.mkdir(parents=True, exist_ok=True)
+            private.make_dir(folder)
             tmp = folder / "outputs.pkl.tmp"
             buffers = result.get("_buffers") or []
             meta = msgpack.packb({"pickle": result["outputs"], "lens": [b.nbytes for b in buffers]})
-            with open(tmp, "wb") as f:
+            with private.open_file(tmp, "wb") as f:
                 f.write(len(meta).to_bytes(8, "big"))
                 f.write(meta)
                 for buffer in buffers:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import backends, sharedmem
+from . import backends, private, sharedmem
 from .backends import NodeLink
 from .errors import LeptonError
 from .protocol import new_secret
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("lepton_magic.pool")
 
 NODE_START_TIMEOUT = 60.0
+#: A node silent this long (agents beat every 2 s) is hung: lost, unless the pool's settings
+#: say otherwise (heartbeat_timeout).
+HEARTBEAT_TIMEOUT = 10.0
 
 
 class Pool:
@@ -39,10 +42,10 @@ class Pool:
         self._lock = threading.RLock()
         self._last_active = time.monotonic()
         self._log_dir = Path(store.home) / "logs"
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        private.make_dir(self._log_dir)
         store.add_pool(self.id, backend, {k: v for k, v in settings.items() if k != "secret"})
-        self._idle_thread = threading.Thread(target=self._watch_idle, daemon=True, name="lepton-idle")
-        self._idle_thread.start()
+        self._watch_thread = threading.Thread(target=self._watch, daemon=True, name="lepton-pool-watch")
+        self._watch_thread.start()
 
     # --- nodes -----------------------------------------------------------------------------
     @property
@@ -152,8 +155,8 @@ class Pool:
         if self.closed:
             return
         log.warning("node %s lost: %s", link.name, reason)
-        if link.broken:  # alive but its input stream is corrupt: stop it
-            threading.Thread(target=self.backend.stop_node, args=(link,), daemon=True).start()
+        # Whatever is left of it goes: a hung or corrupt agent is killed, a dead one reaped.
+        threading.Thread(target=self.backend.stop_node, args=(link,), daemon=True).start()
         self.store.upsert_node(self.id, link.name, status="lost", last_seen=time.time())
         self.store.add_event("node_lost", {"node": link.name, "reason": reason}, pool=self.id)
         with self._lock:
@@ -176,11 +179,13 @@ class Pool:
                 return None
             return max(0.0, timeout - (time.monotonic() - self._last_active))
 
-    def _watch_idle(self) -> None:
+    def _watch(self) -> None:
+        """Once a second: nodes that stopped answering, the cost, the idle release."""
         ticks = 0
         while not self.closed:
             time.sleep(1.0)
             ticks += 1
+            self._lose_silent_nodes()
             if ticks % 10 == 0:
                 self.record_cost()
             timeout = self.settings.get("idle_timeout")
@@ -191,6 +196,14 @@ class Pool:
                 log.info("releasing pool %s after %.0f s idle", self.id, idle_for)
                 self.store.add_event("idle_release", {"idle_seconds": idle_for}, pool=self.id)
                 self.down()
+
+    def _lose_silent_nodes(self) -> None:
+        deadline = self.settings.get("heartbeat_timeout") or HEARTBEAT_TIMEOUT
+        now = time.monotonic()
+        for link in self.live_nodes:
+            silent = now - link.last_heard
+            if link.facts and silent > deadline:  # (a node still starting has its own timeout)
+                link.lose(f"no heartbeat for {silent:.0f} s")
 
     def release_node(self, name: str) -> str:
         """Stop one idle node; says what happened."""

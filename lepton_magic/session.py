@@ -43,11 +43,12 @@ class Session:
         """Start (or grow) the pool of ``backend`` to ``nodes`` warm nodes."""
         backend = backend or self.config["backend"]
         nodes = nodes or self.config["nodes"]
+        self._check_node_count(max(nodes, settings.get("max_nodes") or 0))
         with self._lock:
             pool = self.pool(backend)
             if pool is None:
                 merged = {k: self.config[k] for k in self.config.values
-                          if k in ("idle_timeout", "preload") or k.startswith(("ssh_", "ec2_"))}
+                          if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_"))}
                 merged.update({k: v for k, v in settings.items() if v is not None})
                 pool = Pool(self.store, backend, merged)
                 self.pools[backend] = pool
@@ -56,6 +57,12 @@ class Session:
                 pool.settings.update({k: v for k, v in settings.items() if v is not None})
         pool.ensure(nodes)
         return pool
+
+    def _check_node_count(self, nodes: int) -> None:
+        most = self.config["max_nodes"]
+        if nodes > most:
+            raise LeptonError(f"{nodes} nodes is more than max_nodes ({most}); "
+                              f"raise it with %lepton config max_nodes={nodes} if you mean it")
 
     def down(self, backend: str | None = None, reason: str = "the pool was released") -> int:
         """Release pools (one backend, or all), cancelling their runs with ``reason``; returns how
@@ -171,6 +178,7 @@ class Session:
         tree = cellcode.check_syntax(code, line_offset)
         backend = backend or self.config["backend"]
         nodes = nodes or self.config["nodes"]
+        self._check_node_count(nodes)
         gpus = gpus if gpus is not None else self.config["gpus"]
         pool = self.pool(backend)
         if gpus is None and pool is not None:

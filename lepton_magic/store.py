@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import private
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools (
     id TEXT PRIMARY KEY, backend TEXT NOT NULL, status TEXT NOT NULL,
@@ -87,8 +89,9 @@ class Store:
 
     def __init__(self, home: str | os.PathLike | None = None):
         self.home = Path(home) if home else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        private.make_home(self.home)
         self.path = self.home / "store.sqlite"
+        private.make_sqlite_files(self.path)
         self._lock = threading.RLock()
         self._listeners: dict[int, list] = {}
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)

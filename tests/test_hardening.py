@@ -32,3 +32,100 @@ def test_local_ranks_listen_on_loopback_only(ip, run_cell):
     assert listening[0], "rank 0 listens nowhere?"
     for rank, addresses in enumerate(listening):
         assert all(a.startswith("127.") or a == "::1" for a in addresses), (rank, addresses)
+
+
+def test_a_hung_node_is_lost_and_never_handed_out_again(tmp_path):
+    """Regression: a SIGSTOPped agent left its run `running` with no message, the node `ready`
+    with an old last_seen, and the next run was given the hung node."""
+    from lepton_magic.config import Config
+    from lepton_magic.session import Session
+    from lepton_magic.store import Store
+
+    config = Config.defaults()
+    config.set("heartbeat_timeout", "4s")
+    session = Session(config, Store(tmp_path))
+    try:
+        run = session.submit("import time\ntime.sleep(60)\n", {}, nodes=2)
+        deadline = time.monotonic() + 30
+        while run.status != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pool = session.pool()
+        hung = pool.live_nodes[1]
+        pid = hung.facts["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(lm.LeptonError, match=r"local-1 was lost \(no heartbeat for \d+ s\)"):
+            run.wait(30)
+        noticed = time.monotonic() - t0
+        assert noticed < 12, f"noticed after {noticed:.1f} s"
+        nodes = session.store.query("SELECT node, status FROM nodes WHERE pool=? ORDER BY node", (pool.id,))
+        assert [n["status"] for n in nodes] == ["ready", "lost"]
+        assert session.store.query("SELECT status FROM run_nodes WHERE run=? AND node='local-1'",
+                                   (run.seq,))[0]["status"] == "lost"
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the hung agent was left running"
+            time.sleep(0.1)
+        again = session.submit("import os\nnode = lepton.node\n", {}, nodes=2).wait(60)
+        assert "local-1" not in list(again.nodes["node"]), "the hung node was handed to a new run"
+    finally:
+        session.close()
+
+
+def test_a_killed_agent_is_reaped_at_once(tmp_path):
+    """Regression: a killed agent stayed a zombie child of the kernel until %lepton down."""
+    from lepton_magic.session import Session
+    from lepton_magic.store import Store
+
+    session = Session(store=Store(tmp_path))
+    try:
+        pool = session.up(nodes=1)
+        pid = pool.live_nodes[0].facts["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                zombie = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                break
+            assert time.monotonic() < deadline, f"agent {pid} still {'a zombie' if zombie else 'there'}"
+            time.sleep(0.1)
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("line", ["--nodes 99999999999999999999", "--nodes 65"])
+def test_node_counts_beyond_max_nodes_get_one_line(run_cell, line):
+    result, out = run_cell(f"%%lepton {line}\nx = 1\n")
+    assert not result.success
+    message = str(result.error_in_exec)
+    assert "is more than max_nodes (64)" in message and "%lepton config max_nodes=" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("timeout = true\n", "timeout: expected a duration like 90s, 30m or 2h, got true"),
+    ("timeout = -1\n", "timeout: expected a positive duration"),
+    ("idle_timeout = 0\n", "idle_timeout: expected a positive duration"),
+    ("nodes = 2.5\n", "nodes takes a positive whole number"),
+    ("nodes = true\n", "nodes takes a positive whole number"),
+    (b"backend = '\xff'\n", "is not UTF-8 text"),
+    (None, "cannot be read"),  # a directory where the file should be
+])
+def test_odd_settings_files_get_one_line_naming_file_and_key(tmp_path, monkeypatch, text, expected):
+    """Regression: TOML `true` became 1 s, -1 was accepted, and a non-UTF-8 file or a directory
+    in its place raised a traceback at %load_ext."""
+    from lepton_magic.config import Config, ConfigError
+
+    path = tmp_path / "config.toml"
+    if text is None:
+        path.mkdir()
+    elif isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    monkeypatch.setenv("LEPTON_CONFIG", str(path))
+    with pytest.raises(ConfigError) as caught:
+        Config.load()
+    message = str(caught.value)
+    assert expected in message and str(path) in message and "\n" not in message

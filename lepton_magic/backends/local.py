@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .. import sharedmem
+from .. import private, sharedmem
 from .base import Backend, NodeLink, OnLost, OnMessage
 
 
@@ -35,7 +35,7 @@ class LocalBackend(Backend):
         links = []
         env = dict(os.environ, LEPTON_PRELOAD=self.settings.get("preload", "torch"))
         for name in names:
-            with open(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
+            with private.open_file(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "lepton_magic.agent", "--node", name, "--parent-pid", str(os.getpid())],
                     stdin=subprocess.PIPE,

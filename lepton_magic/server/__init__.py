@@ -1,6 +1,7 @@
 """Jupyter Server extension: REST over the store for the JupyterLab sidebar
-(``{base_url}lepton/api/...``). Reads come from the store; actions become commands for the
-kernel that owns the pool or run."""
+(``{base_url}lepton/api/...``). Reads come from the store and never write to it; actions become
+commands for the kernel that owns the pool or run. The server's Authorizer decides who may do
+what, as for its own APIs: resource ``lepton``, ``read`` for GET, ``write`` for the actions."""
 
 from __future__ import annotations
 

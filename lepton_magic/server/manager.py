@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections import OrderedDict
 
 import numpy as np
 
-from ..run import Run, _owner_gone
+from ..run import _owner_gone
 from ..store import TERMINAL, Store
 from ..ui.downsample import minmax
 from ..ui.model import RunView
@@ -20,6 +21,8 @@ CURVE_BUCKETS = 200  # ≤ 400 points per line
 LOG_LINES = 50
 #: Run views kept between requests (each holds a run's curves in memory).
 CACHED_VIEWS = 64
+#: Why a run whose kernel died has failed (the words ``Run.status`` records).
+OWNER_EXITED = "the kernel running it exited"
 
 
 class NotFound(Exception):
@@ -34,52 +37,57 @@ class LeptonManager:
     def __init__(self, store: Store):
         self.store = store
         self._views: OrderedDict[int, RunView] = OrderedDict()
+        # Requests are answered on several threads; a view is refreshed in place (its cursors
+        # and curves), so one request at a time uses the cache and the views in it.
+        self._views_lock = threading.RLock()
 
     # --- reads -----------------------------------------------------------------------------
     def pools(self, include_down: bool = False) -> list[dict]:
         sql = "SELECT * FROM pools" + ("" if include_down else " WHERE status='up'") + " ORDER BY created DESC"
-        out = []
         now = time.time()
-        for pool in self.store.query(sql):
-            if pool["status"] == "up" and _owner_gone(pool):
-                self.store.end_pool(pool["id"])  # its kernel died, and its nodes with it
-                if not include_down:
-                    continue
-                pool["status"] = "down"
-            nodes = self.store.query("SELECT * FROM nodes WHERE pool=? ORDER BY node", (pool["id"],))
-            live = [n for n in nodes if n["status"] not in ("released", "lost")]
-            settings = json.loads(pool["settings"] or "{}")
-            idle_timeout = settings.get("idle_timeout")
-            active, last_end = self.store.execute(
-                "SELECT SUM(status IN ('queued','starting','running')), MAX(ended) FROM runs WHERE pool=?",
-                (pool["id"],),
-            )[0]
-            idle_since = max(x for x in (last_end, pool["created"]) if x is not None)
-            remaining = None
-            if idle_timeout and not active and pool["status"] == "up":
-                remaining = max(0.0, idle_timeout - (now - idle_since))
-            out.append({
-                "id": pool["id"], "backend": pool["backend"], "status": pool["status"],
-                "nodes_ready": sum(1 for n in live if n["status"] == "ready"), "nodes_total": len(live),
-                "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": pool.get("price_per_hour"),
-                "cost_so_far": pool.get("cost"),
-                "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
-                "nodes": [{
-                    "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
-                    "gpu_name": n["gpu_name"], "cpu_percent": n["cpu_percent"], "mem_used": n["mem_used"],
-                    "last_seen_ago": (now - n["last_seen"]) if n["last_seen"] else None,
-                } for n in nodes],
-            })
-        return out
+        pools = [effective_pool(pool) for pool in self.store.query(sql)]
+        return [self._pool_summary(pool, now) for pool in pools if include_down or pool["status"] == "up"]
+
+    def _pool_summary(self, pool: dict, now: float) -> dict:
+        stored = self.store.query("SELECT * FROM nodes WHERE pool=? ORDER BY node", (pool["id"],))
+        nodes = effective_nodes(pool, stored)
+        live = [n for n in nodes if n["status"] not in ("released", "lost")]
+        settings = json.loads(pool["settings"] or "{}")
+        idle_timeout = settings.get("idle_timeout")
+        active, last_end = self.store.execute(
+            "SELECT SUM(status IN ('queued','starting','running')), MAX(ended) FROM runs WHERE pool=?",
+            (pool["id"],),
+        )[0]
+        idle_since = max(x for x in (last_end, pool["created"]) if x is not None)
+        remaining = None
+        if idle_timeout and not active and pool["status"] == "up":
+            remaining = max(0.0, idle_timeout - (now - idle_since))
+        return {
+            "id": pool["id"], "backend": pool["backend"], "status": pool["status"],
+            "nodes_ready": sum(1 for n in live if n["status"] == "ready"), "nodes_total": len(live),
+            "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": pool.get("price_per_hour"),
+            "cost_so_far": pool.get("cost"),
+            "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
+            "nodes": [{
+                "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
+                "gpu_name": n["gpu_name"], "cpu_percent": n["cpu_percent"], "mem_used": n["mem_used"],
+                "last_seen_ago": (now - n["last_seen"]) if n["last_seen"] else None,
+            } for n in nodes],
+        }
 
     def runs(self, limit: int = 50) -> list[dict]:
         rows = self.store.query("SELECT * FROM runs ORDER BY seq DESC LIMIT ?", (limit,))
-        return [self._summary(row) for row in rows]
+        with self._views_lock:
+            return [self._summary(row) for row in rows]
 
     def run(self, key: str) -> dict:
         row = self.store.run_row(key)
         if row is None:
             raise NotFound(f"no run {key!r}")
+        with self._views_lock:
+            return self._detail(row)
+
+    def _detail(self, row: dict) -> dict:
         out = self._summary(row)
         view = self._view(row["seq"])
         out["nodes"] = [{"node": n.node, "host": n.host, "ranks": n.ranks, "gpus": n.gpus,
@@ -96,7 +104,7 @@ class LeptonManager:
         return out
 
     def _summary(self, row: dict) -> dict:
-        status = Run(self.store, row["seq"]).status if row["status"] not in TERMINAL else row["status"]
+        row = self._effective_run(row)
         view = self._view(row["seq"])
         metric = "loss" if "loss" in view.series else (view.metric_names[0] if view.metric_names else None)
         spark: list = []
@@ -106,13 +114,32 @@ class LeptonManager:
         now = time.time()
         error = json.loads(row["error"])["message"] if row["error"] else None
         return {
-            "id": row["id"], "name": row["name"], "status": status, "backend": row["backend"],
+            "id": row["id"], "name": row["name"], "status": row["status"], "backend": row["backend"],
             "world_size": row["world_size"], "nodes": row["nodes"], "created": row["created"],
             "started": row["started"], "ended": row["ended"],
             "duration": ((row["ended"] or now) - row["started"]) if row["started"] else None,
             "last_step": view.header.step if view.header else None, "sparkline": spark, "metric": metric,
-            "owner_pid": row["owner_pid"], "error": error, "cost": row.get("cost"),
+            "owner_pid": row["owner_pid"], "error": error, "cost": row.get("cost"), "reason": row["reason"],
         }
+
+    def _effective_run(self, row: dict) -> dict:
+        """The run as the answer shows it: one whose kernel died has failed, and ended when it
+        was last heard from. Nothing is written: reconciling the store is for its owners."""
+        status = effective_status(row)
+        if status == row["status"]:
+            return row
+        return {**row, "status": status, "reason": row["reason"] or OWNER_EXITED,
+                "ended": row["ended"] or self._last_heard(row)}
+
+    def _last_heard(self, row: dict) -> float | None:
+        """When the run last wrote a metric or a log line (else when it started)."""
+        # The newest row of each by rowid: the run's index finds it at once, however long the run.
+        last_metric, last_log = self.store.execute(
+            "SELECT (SELECT time FROM metrics WHERE run=?1 ORDER BY rowid DESC LIMIT 1),"
+            " (SELECT time FROM logs WHERE run=?1 ORDER BY id DESC LIMIT 1)", (row["seq"],),
+        )[0]
+        times = [t for t in (row["started"], last_metric, last_log) if t is not None]
+        return max(times) if times else None
 
     def _view(self, seq: int) -> RunView:
         view = self._views.pop(seq, None) or RunView(self.store, seq)
@@ -128,7 +155,7 @@ class LeptonManager:
         row = self.store.run_row(key)
         if row is None:
             raise NotFound(f"no run {key!r}")
-        if Run(self.store, row["seq"]).status in TERMINAL:
+        if effective_status(row) in TERMINAL:
             raise Conflict(f"{row['name']} has already ended")
         return self._command("cancel_run", row["id"], row)
 
@@ -137,7 +164,7 @@ class LeptonManager:
         if not rows:
             raise NotFound(f"no pool {pool_id!r}")
         pool = rows[0]
-        if pool["status"] != "up" or _owner_gone(pool):
+        if effective_pool(pool)["status"] != "up":
             raise Conflict(f"pool {pool_id} is not up")
         if node is not None and not self.store.query("SELECT 1 FROM nodes WHERE pool=? AND node=?", (pool_id, node)):
             raise NotFound(f"no node {node!r} in pool {pool_id}")
@@ -153,6 +180,30 @@ class LeptonManager:
         if not rows:
             raise NotFound(f"no command {command}")
         return rows[0]
+
+
+# --- what the store's rows mean once their owner is gone: pure, nothing is written back -------
+def effective_status(run: dict) -> str:
+    """A run's status, counting a run whose kernel died as failed: its nodes died with the
+    kernel (the dead-man switch), whatever the row still says."""
+    if run["status"] not in TERMINAL and _owner_gone(run):
+        return "failed"
+    return run["status"]
+
+
+def effective_pool(pool: dict) -> dict:
+    """The pool, down if the kernel that owned it died (its nodes went with it)."""
+    if pool["status"] == "up" and _owner_gone(pool):
+        return {**pool, "status": "down"}
+    return pool
+
+
+def effective_nodes(pool: dict, nodes: list[dict]) -> list[dict]:
+    """The nodes of a pool as ``Store.end_pool`` leaves them: a down pool's are released
+    (lost ones stay lost)."""
+    if pool["status"] != "down":
+        return nodes
+    return [n if n["status"] in ("released", "lost") else {**n, "status": "released"} for n in nodes]
 
 
 def _spark(y: np.ndarray) -> list:
