@@ -4,11 +4,11 @@ object works in the kernel that started the run and in any later process."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import LeptonError, RemoteError
+from .owners import owner_gone
 from .store import TERMINAL, Store
 
 if TYPE_CHECKING:
@@ -67,10 +67,9 @@ class Run:
         if self._live is not None:
             return self._live.status
         row = self._row()
-        if row["status"] not in TERMINAL and _owner_gone(row):
+        if row["status"] not in TERMINAL and owner_gone(row):
             # The kernel that ran it died, and its nodes died with it (the dead-man switch).
-            self._store.update_run(self.seq, status="failed", reason="the kernel running it exited",
-                                   ended=row["ended"] or time.time())
+            self._store.reconcile()
             return "failed"
         return row["status"]
 
@@ -187,7 +186,7 @@ class Run:
         path = outputs_dir(self._store, self.id) / OUTPUTS_FILE
         deadline = time.monotonic() + 30
         while not path.exists():  # written just after the run ended, by the kernel that ran it
-            if time.monotonic() > deadline or _owner_gone(row):
+            if time.monotonic() > deadline or owner_gone(row):
                 return {}
             time.sleep(0.05)
         return read_outputs(path)
@@ -224,20 +223,6 @@ class Run:
             return
         raise LeptonError(f"{self.name} belongs to another process (pid {self._row()['owner_pid']}); "
                           "cancel it from that notebook")
-
-
-def _owner_gone(row: dict) -> bool:
-    import socket
-
-    if row["owner_host"] != socket.gethostname() or not row["owner_pid"]:
-        return False
-    try:
-        os.kill(row["owner_pid"], 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
 
 
 def _duration(seconds: float | None) -> str:

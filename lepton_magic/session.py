@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import cellcode, compat, kernel_shutdown, values
+from . import cellcode, compat, kernel_shutdown, owners, values
 from .config import Config
 from .errors import LeptonError
 from .liverun import LiveRun
@@ -32,6 +32,7 @@ class Session:
         self._poller: threading.Thread | None = None
         self._closed = False
         self._lock = threading.RLock()
+        self.store.reconcile()  # what kernels that died (killed, crashed) left open
         atexit.register(self.close)
 
     # --- pools -----------------------------------------------------------------------------
@@ -122,13 +123,20 @@ class Session:
         self._poller.start()
 
     def _poll_commands(self) -> None:
+        """Also renews the leases of this session's pools and runs (readers on other machines
+        take an expired lease for a dead kernel)."""
+        renewed = 0.0
         while not self._closed:
             time.sleep(COMMAND_POLL_SECONDS)
             try:
                 with self._lock:
-                    targets = list(self.live) + [p.id for p in self.pools.values() if not p.closed]
-                for command in self.store.take_commands(os.getpid(), targets):
+                    runs = list(self.live)
+                    pools = [p.id for p in self.pools.values() if not p.closed]
+                for command in self.store.take_commands(os.getpid(), runs + pools):
                     self.store.finish_command(command["id"], self._execute(command))
+                if time.monotonic() - renewed > owners.LEASE_SECONDS / 4:
+                    self.store.renew_leases(pools, runs)
+                    renewed = time.monotonic()
             except Exception:  # a locked or closed store: try again next time
                 continue
 

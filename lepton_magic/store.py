@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import private
+from . import owners, private
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools (
@@ -71,7 +71,14 @@ MIGRATIONS = [
     ("runs", "cost", "REAL"),
     ("pools", "price_per_hour", "REAL"),
     ("pools", "cost", "REAL"),
+    ("runs", "owner_started", "REAL"),
+    ("runs", "lease", "REAL"),
+    ("pools", "owner_started", "REAL"),
+    ("pools", "lease", "REAL"),
 ]
+
+#: What a run whose kernel is gone reads as, and why.
+OWNER_GONE_REASON = "the kernel running it exited (killed or crashed) while the run was going"
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: The log stream a failed rank's traceback is written to (views that show the error itself
@@ -147,14 +154,58 @@ class Store:
 
     # --- pools and nodes -------------------------------------------------------------------
     def add_pool(self, pool_id: str, backend: str, settings: dict) -> None:
+        owner = owners.this_process()
         self.write([(
-            "INSERT INTO pools (id, backend, status, created, owner_pid, owner_host, settings)"
-            " VALUES (?, ?, 'up', ?, ?, ?, ?)",
-            (pool_id, backend, time.time(), os.getpid(), _host(), json.dumps(settings)),
+            "INSERT INTO pools (id, backend, status, created, settings, owner_pid, owner_host, owner_started, lease)"
+            " VALUES (?, ?, 'up', ?, ?, ?, ?, ?, ?)",
+            (pool_id, backend, time.time(), json.dumps(settings), *owner.values()),
         )])
 
     def set_pool_cost(self, pool_id: str, price_per_hour: float | None, cost: float | None) -> None:
         self.write([("UPDATE pools SET price_per_hour=?, cost=? WHERE id=?", (price_per_hour, cost, pool_id))])
+
+    def renew_leases(self, pool_ids: list[str], run_ids: list[str]) -> None:
+        """The owner is alive: other machines reading this store see its pools and runs as live."""
+        until = time.time() + owners.LEASE_SECONDS
+        statements = [(f"UPDATE {table} SET lease=? WHERE id IN ({','.join('?' * len(ids))})", (until, *ids))
+                      for table, ids in (("pools", pool_ids), ("runs", run_ids)) if ids]
+        if statements:
+            self.write(statements)
+
+    def reconcile(self) -> int:
+        """Close what dead owners left open: their runs fail (ended when last heard from), their
+        pools go down, and their nodes and run nodes read lost. Returns how many rows it fixed.
+        Each owner reconciles its own rows as it goes; this is for the kernels that could not."""
+        now = time.time()
+        runs = [r for r in self.query("SELECT * FROM runs WHERE status NOT IN (?, ?, ?)", TERMINAL)
+                if owners.owner_gone(r, now)]
+        pools = [p for p in self.query("SELECT * FROM pools WHERE status='up'") if owners.owner_gone(p, now)]
+        statements = []
+        for run in runs:
+            ended = self._last_heard(run["seq"]) or run["started"] or run["created"]
+            statements += [
+                ("UPDATE runs SET status='failed', ended=?, reason=? WHERE seq=? AND status=?",
+                 (ended, OWNER_GONE_REASON, run["seq"], run["status"])),
+                ("UPDATE run_nodes SET status='lost' WHERE run=? AND status NOT IN ('done', 'failed', 'cancelled')",
+                 (run["seq"],)),
+            ]
+        for pool in pools:
+            ended = self.execute("SELECT MAX(last_seen) FROM nodes WHERE pool=?", (pool["id"],))[0][0]
+            statements += [
+                ("UPDATE pools SET status='down', ended=? WHERE id=? AND status='up'",
+                 (ended or pool["created"], pool["id"])),
+                ("UPDATE nodes SET status='lost' WHERE pool=? AND status NOT IN ('released', 'lost')", (pool["id"],)),
+            ]
+        if statements:
+            self.write(statements)
+        return len(runs) + len(pools)
+
+    def _last_heard(self, seq: int) -> float | None:
+        """When a run last sent anything: its newest metric, log line or event."""
+        return self.execute(
+            "SELECT MAX(t) FROM (SELECT MAX(time) AS t FROM metrics WHERE run=:r UNION ALL "
+            "SELECT MAX(time) FROM logs WHERE run=:r UNION ALL SELECT MAX(time) FROM events WHERE run=:r)",
+            {"r": seq})[0][0]
 
     def end_pool(self, pool_id: str) -> None:
         now = time.time()
@@ -177,13 +228,12 @@ class Store:
     # --- runs ------------------------------------------------------------------------------
     def add_run(self, run_id: str, name: str | None, **fields: Any) -> tuple[int, str]:
         """Record a queued run; returns its sequence number and name (run-N by default)."""
-        fields = _columns(fields)
+        fields = {**_columns(fields), **owners.this_process()}
         with self._transaction() as db:
             seq = db.execute(
-                f"INSERT INTO runs (id, name, status, created, owner_pid, owner_host"
-                f"{''.join(', ' + k for k in fields)}) VALUES (?, ?, 'queued', ?, ?, ?"
-                f"{', ?' * len(fields)})",
-                (run_id, name or "", time.time(), os.getpid(), _host(), *fields.values()),
+                f"INSERT INTO runs (id, name, status, created{''.join(', ' + k for k in fields)})"
+                f" VALUES (?, ?, 'queued', ?{', ?' * len(fields)})",
+                (run_id, name or "", time.time(), *fields.values()),
             ).lastrowid
             if not name:
                 name = f"run-{seq}"
@@ -244,7 +294,7 @@ class Store:
             rows = self.query(
                 "SELECT id, action, target, node FROM commands WHERE owner_pid=? AND owner_host=? "
                 f"AND taken IS NULL AND target IN ({marks})",
-                (owner_pid, _host(), *targets),
+                (owner_pid, owners.host(), *targets),
             )
             if rows:
                 now = time.time()
@@ -343,8 +393,3 @@ def _columns(fields: dict[str, Any]) -> dict[str, Any]:
     """Column values as SQLite takes them: dicts and lists as JSON text."""
     return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
 
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()

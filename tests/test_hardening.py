@@ -129,3 +129,86 @@ def test_odd_settings_files_get_one_line_naming_file_and_key(tmp_path, monkeypat
         Config.load()
     message = str(caught.value)
     assert expected in message and str(path) in message and "\n" not in message
+
+
+KILLED_KERNEL = """
+import lepton_magic as lm, time
+session = lm.current_session()
+run = session.submit("import time\\nfor i in range(600):\\n    lepton.log(step=i, loss=1.0)\\n    time.sleep(0.1)\\n",
+                     {{}}, nodes=2, name="orphaned")
+while len(run.metrics) < 5:
+    time.sleep(0.1)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_next_session_closes_what_a_killed_kernel_left_open(tmp_path):
+    """Regression: after a kernel was killed its run stayed `running`, its pool `up` and its node
+    rows `running` until someone read them lazily, and `ended` was stamped when someone first
+    looked (not when the run was last heard from)."""
+    import subprocess
+    import sys
+
+    from lepton_magic.session import Session
+    from lepton_magic.store import OWNER_GONE_REASON, Store
+
+    home = tmp_path / "home"
+    script = tmp_path / "kernel.py"
+    script.write_text(KILLED_KERNEL.format())
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, LEPTON_HOME=str(home)))
+    assert kernel.stdout.readline().strip() == "running"
+    os.kill(kernel.pid, signal.SIGKILL)
+    kernel.wait()
+    killed_at = time.time()
+    time.sleep(3)  # someone opens the store a while later
+    store = Store(home)
+    before = store.query("SELECT status FROM runs")
+    assert [r["status"] for r in before] == ["running"]
+    session = Session(store=store)
+    try:
+        run = store.query("SELECT * FROM runs")[0]
+        assert run["status"] == "failed" and run["reason"] == OWNER_GONE_REASON
+        assert run["ended"] <= killed_at + 0.5, "ended is when someone looked, not when it was last heard from"
+        assert {r["status"] for r in store.query("SELECT status FROM run_nodes")} == {"lost"}
+        assert [p["status"] for p in store.query("SELECT status FROM pools")] == ["down"]
+        assert {n["status"] for n in store.query("SELECT status FROM nodes")} == {"lost"}
+    finally:
+        session.close()
+
+
+def _orphan(store, **owner):
+    seq, _name = store.add_run("r-" + os.urandom(3).hex(), None, pool="p-x", backend="local")
+    sets = ", ".join(f"{k}=?" for k in owner)
+    store.write([(f"UPDATE runs SET status='running', started=?, {sets} WHERE seq=?",
+                  (time.time() - 100, *owner.values(), seq))])
+    return seq
+
+
+def test_a_reused_pid_does_not_keep_a_dead_kernels_run_alive(tmp_path):
+    """The pid of a dead kernel may belong to another process by now: its start time tells."""
+    from lepton_magic import owners
+    from lepton_magic.store import Store
+
+    store = Store(tmp_path)
+    me = owners.this_process()
+    reused = _orphan(store, owner_pid=me["owner_pid"], owner_started=me["owner_started"] - 3600)
+    mine = _orphan(store, owner_pid=me["owner_pid"], owner_started=me["owner_started"])
+    assert store.reconcile() == 1
+    assert store.run_row(reused)["status"] == "failed" and store.run_row(mine)["status"] == "running"
+
+
+def test_owners_on_other_machines_are_gone_when_their_lease_expires(tmp_path):
+    from lepton_magic import owners
+    from lepton_magic.store import Store
+
+    store = Store(tmp_path)
+    now = time.time()
+    expired = _orphan(store, owner_host="elsewhere", owner_pid=1,
+                      lease=now - owners.LEASE_GRACE_SECONDS - 1)
+    fresh = _orphan(store, owner_host="elsewhere", owner_pid=1, lease=now + 30)
+    store.reconcile()
+    assert store.run_row(expired)["status"] == "failed" and store.run_row(fresh)["status"] == "running"
+    store.renew_leases([], [store.run_row(fresh)["id"]])
+    assert store.run_row(fresh)["lease"] >= now + owners.LEASE_SECONDS - 1

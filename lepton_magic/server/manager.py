@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..run import _owner_gone
+from ..owners import owner_gone
 from ..store import TERMINAL, Store
 from ..ui.downsample import minmax
 from ..ui.model import RunView
@@ -186,14 +186,14 @@ class LeptonManager:
 def effective_status(run: dict) -> str:
     """A run's status, counting a run whose kernel died as failed: its nodes died with the
     kernel (the dead-man switch), whatever the row still says."""
-    if run["status"] not in TERMINAL and _owner_gone(run):
+    if run["status"] not in TERMINAL and owner_gone(run):
         return "failed"
     return run["status"]
 
 
 def effective_pool(pool: dict) -> dict:
     """The pool, down if the kernel that owned it died (its nodes went with it)."""
-    if pool["status"] == "up" and _owner_gone(pool):
+    if pool["status"] == "up" and owner_gone(pool):
         return {**pool, "status": "down"}
     return pool
 
