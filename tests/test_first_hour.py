@@ -74,8 +74,9 @@ def test_local_ranks_run_in_the_notebooks_current_folder(ip, run_cell, tmp_path)
 def test_a_failed_ranks_traceback_is_in_its_log(ip, run_cell):
     """Regression: the traceback was only in the raised error, not in run.logs(), %lepton logs
     or the sidebar's run detail."""
+    # Rank 1 fails once rank 0 has printed and ended (a failure cancels the other ranks).
     result, out = run_cell("%%lepton --nodes 2 --name failing\nprint('before')\nif lepton.rank == 1:\n"
-                           "    1 / 0\n")
+                           "    1 / 0 if __import__('time').sleep(1) is None else 0\n")
     assert not result.success
     run = lm.get_run("failing")
     logs = run.logs(rank=1)
