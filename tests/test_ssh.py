@@ -156,3 +156,27 @@ def test_an_incompatible_node_fails_in_seconds_with_a_table(sshd, tmp_path):
             session.submit("y = 2", {}, nodes=2)
     finally:
         session.down()
+
+
+def test_a_silent_ssh_node_is_lost_after_the_heartbeat_deadline(sshd, tmp_path):
+    """Half-open: the connection stays up but nothing comes through it (here: the remote agent is
+    stopped). The node must be lost by the deadline, not kept as ready."""
+    import signal
+
+    session = ssh_session(sshd, tmp_path, nodes=1, heartbeat_timeout="4s", preload="")
+    try:
+        pool = session.up(nodes=1)
+        link = pool.live_nodes[0]
+        pid = link.facts["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        while link.alive:
+            assert time.monotonic() - t0 < 12, "the silent ssh node is still alive"
+            time.sleep(0.1)
+        row = session.store.query("SELECT status FROM nodes WHERE pool=?", (pool.id,))[0]
+        assert row["status"] == "lost"
+        events = session.store.query("SELECT data FROM events WHERE kind='node_lost'")
+        assert "no heartbeat for" in events[-1]["data"]
+        os.kill(pid, signal.SIGCONT)
+    finally:
+        session.close()
