@@ -37,7 +37,7 @@ def main() -> None:
     ip.run_line_magic("load_ext", "lepton_magic")
     import lepton_magic as lm
 
-    lm.session().config.set("progress", "false")
+    lm.current_session().config.set("progress", "false")
     quiet(ip.run_line_magic, "lepton", "up --nodes 2")
     time.sleep(5)  # let the zygotes finish importing torch: a warm pool
     def cell():

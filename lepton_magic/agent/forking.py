@@ -1,8 +1,9 @@
 """Turning a forked child into a standby rank process.
 
-A standby is forked ahead of time (from the agent, or from the zygote once it has imported
-torch) and waits on its control socket for one job. Forking only ever happens from a
-single-threaded process that has never initialised CUDA, which is what makes it safe.
+A standby is forked ahead of time by a zygote and waits on its control socket for one job.
+Forking only ever happens from a single-threaded process that has never initialised CUDA, which
+is what makes it safe, and that never held a key: a standby learns the key of its control socket
+from the socket, and its run's key from its job.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def fork_standby(secret: bytes, ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int:
+def fork_standby(ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int:
     """Fork a standby rank wired to the given descriptors; returns the child's pid."""
     parent = os.getpid()
     pid = os.fork()
@@ -41,7 +42,7 @@ def fork_standby(secret: bytes, ctrl_fd: int, out_fd: int, err_fd: int, preloade
         _become_standby(parent, ctrl_fd, out_fd, err_fd)
         from .rank import serve
 
-        status = serve(secret, preloaded)
+        status = serve(preloaded)
     except BaseException:
         try:
             traceback.print_exc()

@@ -1,10 +1,20 @@
 """The node agent: one per node, started by a backend as ``python -m lepton_magic.agent``.
 
 It speaks the protocol with the kernel over stdin/stdout and runs a single-threaded selector
-loop (which is what makes forking from it safe). It keeps standby rank processes ready, hands
-each job to them, relays their signed frames to the kernel untouched, turns their stdout and
-stderr into log lines, samples telemetry, and kills their process groups on cancel. When the
-kernel goes away (its end of stdin closes, even after ``kill -9``) it kills everything and exits.
+loop. It keeps standby rank processes ready, hands each job to them, relays their signed frames
+to the kernel untouched, turns their stdout and stderr into log lines, samples telemetry, and
+kills their process groups on cancel. When the kernel goes away (its end of stdin closes, even
+after ``kill -9``) it kills everything and exits.
+
+Keys: the kernel's first bytes are this node's key. The agent forks its zygotes before it reads
+them and never forks after, so no rank holds the node key: a rank gets the key of its control
+socket (to say hello and take its job) and the key of its run, derived from the node's. The
+agent relays a rank's frame only if it verifies with that run's key and names that rank; the
+kernel verifies it again with the same key.
+
+Bad input never stops the agent: protocol.FrameSplitter drops what does not verify or decode,
+and a message the agent cannot act on is dropped with one log line. Only a kernel stream that
+does not start with a frame of this protocol version ends it, as the kernel's going away does.
 """
 
 from __future__ import annotations
@@ -21,17 +31,20 @@ import msgpack
 
 from .. import __version__
 from ..protocol import (
-    SECRET_SIZE,
+    KEY_SIZE,
     VERSION,
+    Frame,
     FrameSplitter,
     FrameWriter,
     ProtocolError,
-    encode,
+    decode_body,
+    new_secret,
     read_exact,
+    run_key,
 )
 from . import facts, zygote
 from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
-from .forking import CTRL_FD, fork_standby
+from .forking import CTRL_FD
 
 HEARTBEAT_SECONDS = 2.0
 #: An unfinished line (a progress bar redrawn with carriage returns) is sent at most this often.
@@ -40,12 +53,15 @@ PARTIAL_LINE_SECONDS = 0.25
 PARTIAL_LINE_BYTES = 4096
 #: After SIGTERM a rank has this long to exit before SIGKILL.
 KILL_GRACE_SECONDS = 2.0
+#: A run that comes before any zygote is ready waits this long for the light one (a bare fork,
+#: ready in milliseconds).
+ZYGOTE_WAIT_SECONDS = 10.0
 
 
 class RankProcess:
     """A standby rank, or a rank running a job: its descriptors and what we know of it."""
 
-    def __init__(self, ctrl: socket.socket, out_fd: int, err_fd: int, secret: bytes):
+    def __init__(self, ctrl: socket.socket, out_fd: int, err_fd: int):
         self.ctrl = ctrl
         self.out_fd = out_fd
         self.err_fd = err_fd
@@ -54,7 +70,11 @@ class RankProcess:
         self.preloaded = False
         self.run: str | None = None
         self.rank: int | None = None
-        self.splitter = FrameSplitter(secret, "rank")
+        self.run_key: bytes | None = None
+        self.control_key = new_secret()
+        ctrl.sendall(self.control_key)  # the standby's first read (see rank.serve)
+        self.control = FrameWriter(ctrl.fileno(), self.control_key)
+        self.splitter = FrameSplitter(self.key_for, "a standby rank")
         self.partial = {1: b"", 2: b""}
         self.open = 3
         self.killed: str | None = None
@@ -62,6 +82,16 @@ class RankProcess:
         self.kill_pending: int | None = None  # a signal to send as soon as the pid is known
         self.pidfd: int | None = None  # readable once the process has exited (Linux 5.3+)
         self.ended = False
+
+    def key_for(self, channel: str) -> bytes | None:
+        """The control socket's key for hello; its run's key, once it has one, for the rest."""
+        if channel == "":
+            return self.control_key
+        return self.run_key if channel == self.run else None
+
+    def assign(self, run: str, rank: int, key: bytes) -> None:
+        self.run, self.rank, self.run_key = run, rank, key
+        self.splitter.source = f"rank {rank} of {run}"
 
     def signal(self, sig: int) -> None:
         if self.pid is None:
@@ -76,20 +106,19 @@ class RankProcess:
 
 
 class Agent:
-    def __init__(self, node: str, secret: bytes, kernel_in: int, kernel_out: int, preload: list[str],
-                 parent_pid: int | None = None):
+    def __init__(self, node: str, key: bytes, kernel_in: int, kernel_out: int,
+                 zygotes: dict[bool, socket.socket], parent_pid: int | None = None):
         self.node = node
-        self.secret = secret
-        self.preload = preload
+        self.key = key
         self.kernel_in = kernel_in
-        self.out = FrameWriter(kernel_out, secret)
-        self.inbox = FrameSplitter(secret, "kernel")
+        self.out = FrameWriter(kernel_out, key)
+        self.inbox = FrameSplitter(key, "kernel")
         self.sel = selectors.DefaultSelector()
         self.ranks: list[RankProcess] = []
         self.want = {False: 1, True: 2}  # standbys to keep, light and preloaded
         # Two zygotes fork the standbys, so forking never holds up this loop: a light one (a bare
         # interpreter) and a preloaded one (torch and friends imported). Keyed by "preloaded".
-        self.zygotes: dict[bool, socket.socket] = {}
+        self.zygotes = zygotes
         self.zygote_ready = {False: False, True: False}
         self.logs: dict[tuple[str, int, str], list[str]] = {}
         self.partials: dict[tuple[str, int, str], str] = {}  # unfinished lines not sent yet
@@ -110,13 +139,8 @@ class Agent:
             if parent is None:
                 return
             self.sel.register(parent, selectors.EVENT_READ, ("parent", None))
-        for preloaded, modules in ((False, []), (True, self.preload)):
-            if preloaded and not modules:
-                continue
-            _pid, sock = zygote.start(self.secret, modules)
-            self.zygotes[preloaded] = sock
+        for preloaded, sock in self.zygotes.items():
             self.sel.register(sock, selectors.EVENT_READ, ("zygote", preloaded))
-        self.replenish()
         try:
             while self.running:
                 self.step()
@@ -181,39 +205,47 @@ class Agent:
         if not data:
             self.running = False  # the kernel is gone: the dead-man switch
             return
-        self.inbox.feed(data)
         try:
-            messages = list(self.inbox.messages())
-        except ProtocolError as e:
+            self.inbox.feed(data)
+        except ProtocolError as e:  # not a stream of our frames: nothing in it can be read
             print(f"lepton agent {self.node}: {e}; exiting", file=sys.stderr, flush=True)
             self.running = False
             return
-        for message in messages:
-            kind = message.get("t")
-            if kind == "run":
-                self.start_run(message)
-            elif kind == "cancel":
-                self.cancel(message["run"])
-            elif kind == "shutdown":
-                self.running = False
-            elif kind == "ping":
-                self.out.send({"t": "pong", "time": time.time(), "sent": message.get("time")})
+        for message in list(self.inbox.messages()):
+            try:
+                self.on_kernel_message(message)
+            except Exception as e:  # signed by the kernel, yet not a message we can act on
+                print(f"lepton agent {self.node}: dropped a {message.get('t')!r} message from the kernel "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+
+    def on_kernel_message(self, message: dict) -> None:
+        kind = message.get("t")
+        if kind == "run":
+            self.start_run(message)
+        elif kind == "cancel":
+            self.cancel(message["run"])
+        elif kind == "shutdown":
+            self.running = False
+        elif kind == "ping":
+            self.out.send({"t": "pong", "time": time.time(), "sent": message.get("time")})
 
     def start_run(self, job: dict) -> None:
         local = job["local_world_size"]
         preloaded = bool(job.get("preload", True))
+        key = run_key(self.key, job["run"])
         # Two per rank slot and kind: the next run then takes a standby that finished starting
         # long ago, not the one being forked right now.
         self.want[preloaded] = max(self.want[preloaded], 2 * local)
         for local_rank in range(local):
             rank = job["rank_offset"] + local_rank
-            frame = encode(self.secret, dict(job, t="job", local_rank=local_rank))
             for attempt in range(2):  # a standby that died meanwhile is replaced once
-                proc = self.take_standby(preloaded)
+                proc = None
                 try:
-                    proc.ctrl.sendall(frame)
+                    proc = self.take_standby(preloaded)
+                    proc.control.send(dict(job, t="job", local_rank=local_rank, key=key))
                 except OSError as e:
-                    self.discard(proc)
+                    if proc is not None:
+                        self.discard(proc)
                     if attempt:
                         self.out.send({"t": "error", "run": job["run"], "rank": rank, "type": "LeptonError",
                                        "message": f"could not start rank {rank} on {self.node}: {e}",
@@ -221,11 +253,10 @@ class Agent:
                         self.out.send({"t": "exit", "run": job["run"], "rank": rank, "pid": None,
                                        "killed": None, "time": time.time()})
                     continue
-                proc.run = job["run"]
-                proc.rank = rank
+                proc.assign(job["run"], rank, key)
                 if proc.greeted:
                     self.announce(proc)
-                # else: announced when its hello arrives (see on_ctrl)
+                # else: announced when its hello arrives (see on_hello)
                 break
         # New standbys are forked once these ranks end (see reap): forking now would compete
         # with the run for the CPU.
@@ -248,35 +279,44 @@ class Agent:
                 and (preloaded is None or r.preloaded == preloaded)]
 
     def take_standby(self, preloaded: bool) -> RankProcess:
-        """An idle standby of the kind asked for: ``preloaded`` ones were forked from the zygote
-        (torch and friends imported), light ones from this agent (for cells that need neither)."""
+        """An idle standby of the kind asked for: ``preloaded`` ones were forked from the
+        preloaded zygote (torch and friends imported), light ones from the light zygote (for
+        cells that need neither)."""
+        if not any(self.zygote_ready.values()):
+            self.await_light_zygote()
         idle = self.idle(preloaded)
         if not idle and preloaded and not self.zygote_ready[True]:
             idle = self.idle(False)  # the zygote is still importing: a light one will import itself
         idle.sort(key=lambda r: not r.greeted)
         return idle[0] if idle else self.new_standby(preloaded)
 
+    def await_light_zygote(self) -> None:
+        """A run came before any zygote was ready (the agent has just started). Wait for the
+        light one rather than fork here: a child of this process would hold the node key."""
+        sock = self.zygotes.get(False)
+        if sock is not None and _readable(sock, ZYGOTE_WAIT_SECONDS):
+            self.on_zygote(False)
+
     def replenish(self) -> None:
         for preloaded in (False, True):
-            if preloaded and not self.zygote_ready[True]:
+            if not self.zygote_ready[preloaded]:
                 continue
             while len(self.idle(preloaded)) < self.want[preloaded]:
                 self.new_standby(preloaded)
 
     def new_standby(self, preloaded: bool) -> RankProcess:
+        """A standby forked by the zygote of the kind asked for, else by the other one."""
+        ready = [k for k in (preloaded, not preloaded) if self.zygote_ready[k]]
+        if not ready:
+            raise OSError("no zygote is left to fork rank processes from")
         ctrl, child_ctrl = socket.socketpair()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         os.set_blocking(out_r, False)
         os.set_blocking(err_r, False)
-        proc = RankProcess(ctrl, out_r, err_r, self.secret)
-        ready = [k for k in (preloaded, False) if self.zygote_ready[k]]
-        if ready:
-            socket.send_fds(self.zygotes[ready[0]], [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
-            proc.preloaded = ready[0]
-        else:  # no zygote yet: fork here
-            proc.pid = fork_standby(self.secret, child_ctrl.fileno(), out_w, err_w, preloaded=False)
-            self.watch(proc)
+        proc = RankProcess(ctrl, out_r, err_r)
+        socket.send_fds(self.zygotes[ready[0]], [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
+        proc.preloaded = ready[0]
         child_ctrl.close()
         os.close(out_w)
         os.close(err_w)
@@ -290,6 +330,8 @@ class Agent:
         sock = self.zygotes[preloaded]
         try:
             message = sock.recv(1 << 16)
+        except BlockingIOError:
+            return  # taken already (see await_light_zygote)
         except OSError:
             message = b""
         if not message:
@@ -326,25 +368,37 @@ class Agent:
             proc.splitter.filled(n)
         else:
             proc.splitter.feed(data)
-        frames = list(proc.splitter.frames())
+        frames = list(proc.splitter.frames())  # each verified with the key of its channel
         if frames and proc.run is not None:
             # Whatever the rank printed before this frame is already in its pipes: send it first,
             # so the kernel has every line once it sees the result.
             self.drain_output(proc, final=any(f.final for f in frames))
         for frame in frames:
-            if not proc.greeted:
-                message = frame.decode() if frame.verify(self.secret) else {}
-                if message.get("t") == "hello":
-                    proc.greeted = True
-                    proc.pid = message["pid"]
-                    self.watch(proc)
-                    if proc.run is not None:
-                        self.announce(proc)
-                    if proc.kill_pending:
-                        proc.signal(proc.kill_pending)
-                    continue
-            # Rank frames are signed with the pool secret: relay them to the kernel as they are.
-            self.out.send_frame(frame.header, frame.body)
+            if frame.channel == "":
+                self.on_hello(proc, frame)
+            elif frame.sender == proc.rank:  # its run's key, so its run: relay it untouched
+                self.out.send_frame(frame.header, frame.body)
+            else:
+                print(f"lepton agent {self.node}: dropped a frame rank {proc.rank} of {proc.run} sent "
+                      f"as rank {frame.sender}", file=sys.stderr, flush=True)
+
+    def on_hello(self, proc: RankProcess, frame: Frame) -> None:
+        try:
+            message = decode_body(frame.body)
+            pid = message["pid"] if message.get("t") == "hello" and not proc.greeted else None
+        except Exception:
+            pid = None
+        if type(pid) is not int:
+            print(f"lepton agent {self.node}: dropped a control frame that is not a standby's first hello",
+                  file=sys.stderr, flush=True)
+            return
+        proc.greeted = True
+        proc.pid = pid
+        self.watch(proc)
+        if proc.run is not None:
+            self.announce(proc)
+        if proc.kill_pending:
+            proc.signal(proc.kill_pending)
 
     def drain_output(self, proc: RankProcess, final: bool = False) -> None:
         """Read what the rank's pipes hold now; with ``final``, an unfinished last line too."""
@@ -424,7 +478,7 @@ class Agent:
         self.discard(proc)
 
     def reject_rank(self, proc: RankProcess, error: Exception) -> None:
-        """The rank wrote something that is not a lepton frame to its control socket."""
+        """The rank's control socket did not start with a lepton frame: nothing on it can be read."""
         if proc.run is not None:
             self.out.send({"t": "error", "run": proc.run, "rank": proc.rank, "type": "ProtocolError",
                            "message": f"the rank wrote bytes that are not lepton frames to file descriptor "
@@ -495,10 +549,10 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _readable(sock: socket.socket) -> bool:
+def _readable(sock: socket.socket, timeout: float = 0) -> bool:
     import select
 
-    return bool(select.select([sock], [], [], 0)[0])
+    return bool(select.select([sock], [], [], timeout)[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -515,7 +569,12 @@ def main(argv: list[str] | None = None) -> None:
     kernel_out = os.dup(1)
     os.dup2(2, 1)  # a stray print must never corrupt the frame stream
     sys.stdout = sys.stderr
-    secret = read_exact(kernel_in, SECRET_SIZE)
     preload = [m.strip() for m in args.preload.split(",") if m.strip()]
-    Agent(args.node, secret, kernel_in, kernel_out, preload, args.parent_pid).serve()
+    # Forked before the key is read: neither they nor the ranks they fork ever hold it.
+    zygotes = {preloaded: zygote.start(modules)[1]
+               for preloaded, modules in ((False, []), (True, preload)) if modules or not preloaded}
+    for sock in zygotes.values():
+        sock.setblocking(False)
+    key = read_exact(kernel_in, KEY_SIZE)
+    Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid).serve()
     os._exit(0)

@@ -17,18 +17,24 @@ import types
 
 from .. import sharedmem, staging, values
 from ..cellcode import CELL_FILENAME, padded_source
-from ..protocol import FrameReader, FrameWriter
+from ..protocol import KEY_SIZE, FrameReader, FrameWriter, read_exact
 from .forking import CTRL_FD
 from .runtime import Lepton, environ_for
 
 
-def serve(secret: bytes, preloaded: bool) -> int:
-    writer = FrameWriter(CTRL_FD, secret)
-    writer.send({"t": "hello", "pid": os.getpid(), "preloaded": preloaded})
-    job = FrameReader(CTRL_FD, secret, source="agent").read()
+def serve(preloaded: bool) -> int:
+    try:
+        control_key = read_exact(CTRL_FD, KEY_SIZE)  # the agent's first bytes on the socket
+    except EOFError:
+        return 0  # the agent retired this standby before it started
+    FrameWriter(CTRL_FD, control_key).send({"t": "hello", "pid": os.getpid(), "preloaded": preloaded})
+    job = FrameReader(CTRL_FD, control_key, source="agent").read()
     if job is None or job.get("t") != "job":
         return 0  # the agent retired this standby
-    return run_job(job, writer)
+    # From here on this rank speaks with its run's key (no other key but its control socket's
+    # was ever in this process): the agent relays its frames for this run and this rank only.
+    rank = job["rank_offset"] + job["local_rank"]
+    return run_job(job, FrameWriter(CTRL_FD, job.pop("key"), channel=job["run"], sender=rank))
 
 
 def run_job(job: dict, writer: FrameWriter) -> int:

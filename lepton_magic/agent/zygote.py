@@ -1,5 +1,8 @@
 """The zygote: a child of the agent that imports torch once, then only forks standby ranks.
 
+The agent forks its zygotes before it reads its key from the kernel, so no key is in their
+memory, nor in that of the ranks they fork.
+
 Importing torch takes seconds; forking a process that already holds it takes milliseconds.
 The zygote runs no Python threads, no torch operation, and never touches CUDA, so its children
 may use CUDA and torch's thread pools freely. (numpy's OpenBLAS starts idle native threads at
@@ -27,7 +30,7 @@ READY = b"R"
 FORK = b"F"
 
 
-def start(secret: bytes, preload: list[str]) -> tuple[int, socket.socket]:
+def start(preload: list[str]) -> tuple[int, socket.socket]:
     """Fork the zygote from the (single-threaded) agent; returns its pid and our socket end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     parent = os.getpid()
@@ -40,7 +43,7 @@ def start(secret: bytes, preload: list[str]) -> tuple[int, socket.socket]:
         ours.close()
         die_with_parent(parent)
         _keep_only(theirs.fileno())
-        status = serve(theirs, secret, preload)
+        status = serve(theirs, preload)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -60,7 +63,7 @@ def _keep_only(sock_fd: int) -> None:
                 pass
 
 
-def serve(sock: socket.socket, secret: bytes, preload: list[str]) -> int:
+def serve(sock: socket.socket, preload: list[str]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # standbys are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Where torch asks whether CUDA exists, let it ask NVML and not initialise CUDA here.
@@ -91,6 +94,6 @@ def serve(sock: socket.socket, secret: bytes, preload: list[str]) -> int:
         if not message:
             return 0  # the agent is gone
         if message == FORK and len(fds) == 3:
-            fork_standby(secret, fds[0], fds[1], fds[2], preloaded=True)
+            fork_standby(fds[0], fds[1], fds[2], preloaded=True)
         for fd in fds:
             os.close(fd)

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Callable
 
-from ..protocol import FrameReader, FrameWriter, ProtocolError, write_all
+from ..protocol import Frame, FrameReader, FrameWriter, ProtocolError, node_key, run_key, write_all
 
 log = logging.getLogger("lepton_magic.backends")
 
 OnMessage = Callable[["NodeLink", dict], None]
 OnLost = Callable[["NodeLink", str], None]
 
+#: What a rank may say (the agent says the rest: started, log, exit, heartbeats...).
+RANK_MESSAGES = frozenset({"metrics", "result", "error", "checkpoint"})
+
 
 class NodeLink:
-    """The kernel's end of one agent: send frames, receive them on a reader thread."""
+    """The kernel's end of one agent: send frames, receive them on a reader thread.
+
+    The link has a key of its own, derived from the pool secret and a fresh salt (an agent
+    started later under the same name accepts none of this link's frames); the agent learns it
+    as its first read and never sees the pool secret. Frames of the agent's ranks are verified
+    with their run's key, and a rank may speak only for its own run and rank, and only of
+    RANK_MESSAGES.
+    """
 
     def __init__(self, name: str, write_fd: int, read_fd: int, secret: bytes,
                  on_message: OnMessage, on_lost: OnLost):
@@ -26,17 +37,23 @@ class NodeLink:
         self.ready = threading.Event()
         self.alive = True
         self.broken = False
-        self.rejected = 0
+        self.refused = 0  # verified frames of a rank that spoke beyond its run and rank
         #: When the last frame from the agent arrived (time.monotonic()): heartbeats come every
         #: 2 s, so a node silent for much longer is hung (SIGSTOPped, a half-open connection).
         self.last_heard = time.monotonic()
-        self._writer = FrameWriter(write_fd, secret)
-        self._reader = FrameReader(read_fd, secret, source=f"node {name}")
+        self._key = node_key(secret, name, salt=os.urandom(16))
+        self._writer = FrameWriter(write_fd, self._key)
+        self._reader = FrameReader(read_fd, self._key_for, source=f"node {name}")
         self._on_message = on_message
         self._on_lost = on_lost
-        write_all(write_fd, secret)  # the agent's first read: the pool secret
+        write_all(write_fd, self._key)  # the agent's first read: its key
         self._thread = threading.Thread(target=self._read, name=f"lepton-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def rejected(self) -> int:
+        """Frames and runs of bytes from the agent that were dropped."""
+        return self._reader.rejected + self.refused
 
     @property
     def host(self) -> str:
@@ -62,29 +79,45 @@ class NodeLink:
             self._lost("interrupted while sending to it")
             raise
 
+    def _key_for(self, channel: str) -> bytes:
+        return self._key if channel == "" else run_key(self._key, channel)
+
     def _read(self) -> None:
         reason = "the agent exited"
         try:
-            for message in self._reader:
+            for frame, message in self._reader.envelopes():
                 self.last_heard = time.monotonic()
+                if frame.channel and not self._rank_may_say(frame, message):
+                    continue
                 if message.get("t") == "node":
                     self.facts = message
                     self.ready.set()
                     continue
+                if message.get("t") == "exit":  # what the rank left unfinished will never end
+                    self._reader.splitter.forget(message.get("run"), message.get("rank"))
                 try:
                     self._on_message(self, message)
                 except Exception:
                     log.exception("handling a %s message from %s failed", message.get("t"), self.name)
-        except ProtocolError as e:
+        except ProtocolError as e:  # the stream cannot be read at all (see protocol)
             reason = str(e)
         except OSError as e:
             reason = f"the pipe to the agent broke ({e})"
         except Exception as e:  # never die silently: the runs on this node must learn of it
             log.exception("reading from %s failed", self.name)
             reason = f"reading from the agent failed ({type(e).__name__}: {e})"
-        finally:
-            self.rejected = self._reader.rejected
         self._lost(reason)
+
+    def _rank_may_say(self, frame: Frame, message: dict) -> bool:
+        """A rank's frame verified with its run's key: it speaks for that run and rank only."""
+        if (message.get("t") in RANK_MESSAGES and message.get("run") == frame.channel
+                and message.get("rank") == frame.sender):
+            return True
+        self.refused += 1
+        log.warning("dropped a %r message for run %r rank %r from rank %s of %s on %s: a rank speaks "
+                    "for itself only", message.get("t"), message.get("run"), message.get("rank"),
+                    frame.sender, frame.channel, self.name)
+        return False
 
     def lose(self, reason: str) -> None:
         """Give up on the node (it stopped answering): its runs learn of it as of a crash."""
