@@ -78,11 +78,12 @@ class Ec2Backend(SSHBackend):
         import boto3
         from botocore.config import Config as BotoConfig
 
+        from .. import private
         from ..store import default_home
 
         self.settings = settings
         self.home = Path(settings.get("home") or default_home()) / "ec2"
-        self.home.mkdir(parents=True, exist_ok=True)
+        private.make_dir(self.home)  # the key pair and the instances' host keys live here
         self.region = settings.get("ec2_region") or "us-east-1"
         self.instance_type = settings.get("ec2_instance_type") or "g5.xlarge"
         self.fallback_types = [t for t in str(settings.get("ec2_fallback_types") or "").split(",") if t.strip()]
