@@ -106,6 +106,8 @@ SETTINGS: dict[str, Setting] = {
                     "GPUs (rank processes) per node; none = every GPU the node has"),
     "idle_timeout": Setting(1800.0, parse_duration, "release an idle pool after this long (off to keep it)"),
     "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
+    "retries": Setting(0, lambda v: parse_count(v, "retries", 0),
+                       "times a run starts again when it loses a node or a rank (from its last checkpoint)"),
     "max_nodes": Setting(64, lambda v: parse_count(v, "max_nodes"), "most nodes one run or pool may ask for"),
     "heartbeat_timeout": Setting(10.0, parse_duration,
                                  "a node silent this long (it beats every 2 s) is lost: hung, or its link half-open"),

@@ -48,11 +48,23 @@ class LiveRun:
     def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
                  inputs: bytes | None, outputs: list[str], explicit_outputs: bool,
                  nodes: list[NodeLink], gpus: int | None, timeout: float | None, env: dict[str, str],
-                 on_done: list[Callable[["LiveRun"], None]], preload: bool = True):
+                 on_done: list[Callable[["LiveRun"], None]], preload: bool = True, attempt: int = 0,
+                 checkpoint: bytes | None = None, will_retry: Callable[["LiveRun"], bool] | None = None,
+                 after_end: Callable[["LiveRun"], None] | None = None):
         self.store = store
         self.pool = pool
         self.seq = seq
-        self.id = run_id
+        self.run_id = run_id
+        self.attempt = attempt
+        # Each attempt has its own name on the wire: late frames of an attempt that was stopped
+        # never reach the next one, and each starts its own frame numbering.
+        self.id = run_id if attempt == 0 else f"{run_id}.{attempt}"
+        self._will_retry = will_retry
+        self._after_end = after_end
+        #: Why the attempt lost a node or a rank (a retry may help), if it did.
+        self.lost: str | None = None
+        #: This attempt failed and another one follows.
+        self.retrying = False
         self.name = name
         self.code = code
         self.line_offset = line_offset
@@ -74,7 +86,7 @@ class LiveRun:
         self.world_size = 0
         self.started_at: float | None = None
         self.ended_at: float | None = None
-        self.checkpoint_blob: bytes | None = None
+        self.checkpoint_blob = checkpoint
         self.transfer: dict | None = None
         self._finishing = False
         self.rank_pids: dict[int, int] = {}
@@ -112,6 +124,7 @@ class LiveRun:
             writes.append(self.store.run_node_insert(self.seq, link.name, link.host, ranks,
                                                      min(local, link.gpu_count), link.gpu_name))
         self.started_at = time.time()
+        self.store.start_attempt(self.seq, self.attempt, [link.name for link in self.nodes], self.started_at)
         self.pool.attach_run(self)
         # Dispatch first, record after: the nodes start while the store is written. Events that
         # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
@@ -131,7 +144,8 @@ class LiveRun:
                     "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
-                    "env": self.env, "checkpoint": self.checkpoint_blob, "preload": self.preload,
+                    "env": self.env, "checkpoint": self.checkpoint_blob, "attempt": self.attempt,
+                    "preload": self.preload,
                     "cwd": cwd,
                     "shm_dir": self.pool.backend.shared_memory_dir(),
                     # torchrun's rule, made to fit nodes that share a machine: cores / ranks there
@@ -152,7 +166,7 @@ class LiveRun:
         rank = message.get("rank")
         if kind == "metrics":
             self.store.add_metrics(self.seq, rank, message["step"], message["name"], message["value"],
-                                   message["time"])
+                                   message["time"], self.attempt)
         elif kind == "log":
             self.store.add_logs(self.seq, rank, message["stream"], message["time"], message["lines"],
                                 message.get("partial"))
@@ -192,7 +206,9 @@ class LiveRun:
             self._finish_if_answered()
         elif kind == "checkpoint":
             self.checkpoint_blob = message["blob"]
-            self.store.add_event("checkpoint", {"rank": rank, "bytes": len(message["blob"])}, run=self.seq)
+            self.store.save_checkpoint(self.seq, self.attempt, rank, message["blob"])  # durable: a retry starts here
+            self.store.add_event("checkpoint", {"rank": rank, "bytes": len(message["blob"]), "attempt": self.attempt},
+                                 run=self.seq)
         elif kind == "exit":
             self._on_exit(link, rank, message.get("killed"))
 
@@ -203,6 +219,7 @@ class LiveRun:
             if crashed:
                 how = f"was killed ({killed})" if killed else "ended without a result (it crashed or was killed)"
                 self.error = LeptonError(f"rank {rank} on {link.name} {how}; see run.logs(rank={rank})")
+                self.lost = f"rank {rank} on {link.name} {how}"
             node_done = all(r in self._exited for r, n in self._rank_node.items() if n == link.name)
             finished = len(self._exited) >= self.world_size
         if node_done and not self.done.is_set():
@@ -230,6 +247,8 @@ class LiveRun:
             self._exited.update(lost)
             if self.error is None:
                 self.error = LeptonError(f"node {link.name} was lost ({reason})")
+            if self.lost is None:
+                self.lost = f"{link.name} lost: {reason}"
             finished = len(self._exited) >= self.world_size
         self.store.set_run_node_status(self.seq, link.name, "lost")
         if finished:
@@ -292,6 +311,10 @@ class LiveRun:
             if status == "succeeded" and self._result is None:
                 status = "failed"
                 self.error = LeptonError("rank 0 finished without sending its result")
+            self.retrying = status == "failed" and self._will_retry is not None and self._will_retry(self)
+        if self.retrying:
+            self._end_attempt(status)
+            return
         try:
             if status == "succeeded":
                 self._load_outputs(self._result)
@@ -322,6 +345,7 @@ class LiveRun:
             ]
             if self.transfer is not None:
                 writes.append(self.store.event_insert("outputs", self.transfer, run=self.seq))
+            writes.append(self.store.attempt_end(self.seq, self.attempt, self.ended_at, self.end_reason(status)))
             self.store.write(writes)
         except Exception:
             log.exception("recording the end of %s failed", self.name)
@@ -329,6 +353,45 @@ class LiveRun:
             self.status = status
             self.pool.release(self)
             self.done.set()
+            if self._after_end is not None:
+                self._after_end(self)
+
+    def _end_attempt(self, status: str) -> None:
+        """This attempt failed and the run goes on in another one: record the attempt only."""
+        try:
+            if self._result is not None:
+                sharedmem.discard(self._result.get("shm"))
+            self._result = None
+            self.ended_at = time.time()
+            self.status = status
+            self.store.write([
+                ("UPDATE run_nodes SET status='failed' WHERE run=? AND status NOT IN ('lost', 'done')", (self.seq,)),
+                self.store.attempt_end(self.seq, self.attempt, self.ended_at, self.end_reason(status)),
+            ])
+        except Exception:
+            log.exception("recording the end of attempt %d of %s failed", self.attempt, self.name)
+        finally:
+            self.pool.release(self)
+            self.done.set()
+            if self._after_end is not None:
+                self._after_end(self)
+
+    def end_reason(self, status: str) -> str:
+        """Why this attempt ended, in a few words (run.attempts shows it)."""
+        if status == "succeeded":
+            return "succeeded"
+        if self.lost:
+            return self.lost
+        if self.error is not None:
+            return str(self.error)
+        return self._cancel_reason or status
+
+    def retryable(self, on_error: bool) -> bool:
+        """Another attempt may succeed: a node or a rank was lost (or the cell raised, when
+        retrying on errors was asked for). Cancels and timeouts are never retried."""
+        if self.lost:
+            return True
+        return on_error and isinstance(self.error, RemoteError)
 
     def _load_outputs(self, result: dict) -> None:
         self.skipped.update(result.get("skipped") or {})
@@ -360,7 +423,7 @@ class LiveRun:
     def _persist_outputs(self, result: dict) -> None:
         """Keep the pickled outputs beside the store, so a later process can read run.outputs."""
         try:
-            folder = outputs_dir(self.store, self.id)
+            folder = outputs_dir(self.store, self.run_id)
             private.make_dir(folder)
             tmp = folder / "outputs.pkl.tmp"
             buffers = result.get("_buffers") or []

@@ -14,13 +14,13 @@ from .store import TERMINAL, Store
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .liverun import LiveRun
+    from .scheduler import ScheduledRun
 
 
 class Run:
     """A run: its status, metrics, nodes, logs and outputs."""
 
-    def __init__(self, store: Store, seq: int, live: "LiveRun | None" = None, session=None):
+    def __init__(self, store: Store, seq: int, live: "ScheduledRun | None" = None, session=None):
         self._store = store
         self.seq = seq
         self._live = live
@@ -142,13 +142,30 @@ class Run:
     # --- data ------------------------------------------------------------------------------
     @property
     def metrics(self) -> "pd.DataFrame":
-        """Every logged point of every rank: columns rank, step, name, value, time."""
+        """Every logged point of every rank: columns rank, step, name, value, time, attempt. A
+        run that was retried forms one curve: for a (rank, step, name) logged by several attempts
+        the latest attempt's point is kept."""
         df = self._store.frame(
-            "SELECT rank, step, name, value, time FROM metrics WHERE run=? ORDER BY rowid", (self.seq,)
+            "SELECT rank, step, name, value, time, attempt FROM metrics WHERE run=? ORDER BY rowid", (self.seq,)
         )
         import pandas as pd
 
+        if len(df) and df["attempt"].iat[-1] > 0:
+            df = df.drop_duplicates(["rank", "step", "name"], keep="last").reset_index(drop=True)
         df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+        return df
+
+    @property
+    def attempts(self) -> "pd.DataFrame":
+        """One row per attempt: attempt (1 for the first), nodes, started, ended, reason it ended."""
+        import pandas as pd
+
+        rows = self._store.attempts(self.seq)
+        df = pd.DataFrame(rows, columns=["attempt", "nodes", "started", "ended", "reason"])
+        df["attempt"] += 1
+        df["nodes"] = df["nodes"].map(json.loads)
+        for column in ("started", "ended"):
+            df[column] = pd.to_datetime(df[column], unit="s", utc=True)
         return df
 
     @property

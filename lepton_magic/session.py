@@ -13,6 +13,7 @@ from . import cellcode, compat, kernel_shutdown, owners, values
 from .config import Config
 from .errors import LeptonError
 from .liverun import LiveRun
+from .scheduler import RunSpec, ScheduledRun
 from .pool import Pool
 from .run import Run
 from .store import Store
@@ -25,9 +26,9 @@ class Session:
         self.config = config or Config.load()
         self.store = store or Store()
         self.pools: dict[str, Pool] = {}
-        self.live: dict[str, LiveRun] = {}
+        self.live: dict[str, ScheduledRun] = {}
         self.last_seq: int | None = None
-        self._last_live: LiveRun | None = None  # kept, so lm.last_run() stays cheap
+        self._last_live: ScheduledRun | None = None  # kept, so lm.last_run() stays cheap
         self._to_bind: list[tuple[dict, dict]] = []
         self._poller: threading.Thread | None = None
         self._closed = False
@@ -172,6 +173,8 @@ class Session:
         outputs: list[str] | None = None,
         timeout: float | None = None,
         env: dict[str, str] | None = None,
+        retries: int | None = None,
+        retry_on_error: bool = False,
         line_offset: int = cellcode.MAGIC_LINE_OFFSET,
         bind: bool = True,
         on_done: Callable[[LiveRun], None] | None = None,
@@ -180,6 +183,7 @@ class Session:
 
         Inputs default to the free names of the code found in ``namespace``; outputs default to
         the names it assigns at top level, bound back into ``namespace`` when the run succeeds.
+        A run that loses a node or a rank starts again up to ``retries`` times (see scheduler.py).
         Raises ``CellSyntaxError`` or ``LeptonError`` before any node is used.
         """
         namespace = {} if namespace is None else namespace
@@ -192,6 +196,7 @@ class Session:
         if gpus is None and pool is not None:
             gpus = pool.settings.get("gpus")
         timeout = timeout if timeout is not None else self.config["timeout"]
+        retries = retries if retries is not None else self.config["retries"]
         if inputs is None:
             input_names = [n for n in cellcode.free_names(tree) if n in namespace]
         else:
@@ -211,7 +216,7 @@ class Session:
         run_id = f"r-{secrets.token_hex(4)}"
         seq, name = self.store.add_run(
             run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,
-            inputs=input_names, timeout=timeout, env=env or {},
+            inputs=input_names, timeout=timeout, env=env or {}, retries=retries,
         )
         callbacks: list[Callable[[LiveRun], None]] = [self._forget]
         if bind:
@@ -226,18 +231,17 @@ class Session:
                 pool.release_run(run_id)
             self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
             raise
-        live = LiveRun(
-            store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, code=code,
-            line_offset=line_offset, inputs=shipped, outputs=output_names, explicit_outputs=explicit,
-            nodes=links, gpus=gpus, timeout=timeout, env=env or {}, on_done=callbacks,
-            preload=not light,
-        )
+        spec = RunSpec(code=code, line_offset=line_offset, inputs=shipped, outputs=output_names,
+                       explicit_outputs=explicit, nodes=nodes, gpus=gpus, env=env or {}, preload=not light,
+                       local=backend == "local", retries=retries, retry_on_error=retry_on_error,
+                       timeout=timeout, on_done=callbacks)
+        live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
         with self._lock:
             self.live[run_id] = live
             self._last_live = live
             self.last_seq = seq
         try:
-            live.start()
+            live.start(links)
         except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
             live.abort(e)
             raise
@@ -260,7 +264,7 @@ class Session:
     def _forget(self, live: LiveRun) -> None:
         """A finished run lives on in the store; drop it here so its data can be freed."""
         with self._lock:
-            self.live.pop(live.id, None)
+            self.live.pop(live.run_id, None)
 
     def get_run(self, key: str | int) -> Run:
         row = self.store.run_row(key)
@@ -268,7 +272,7 @@ class Session:
             raise LeptonError(f"no run called {key!r} in {self.store.path}")
         return Run(self.store, row["seq"], self._live_run(row["id"]), self)
 
-    def _live_run(self, run_id: str) -> LiveRun | None:
+    def _live_run(self, run_id: str) -> ScheduledRun | None:
         live = self.live.get(run_id)
         if live is None and self._last_live is not None and self._last_live.id == run_id:
             live = self._last_live

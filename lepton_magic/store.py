@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS commands (
     owner_pid INTEGER, owner_host TEXT, created REAL NOT NULL, taken REAL, done REAL, result TEXT
 );
 CREATE INDEX IF NOT EXISTS commands_open ON commands (owner_pid, done);
+CREATE TABLE IF NOT EXISTS attempts (
+    run INTEGER NOT NULL, attempt INTEGER NOT NULL, nodes TEXT, started REAL, ended REAL, reason TEXT,
+    PRIMARY KEY (run, attempt)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run INTEGER NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL, time REAL, state BLOB
+);
+CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, run INTEGER, pool TEXT, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT
 );
@@ -75,6 +83,8 @@ MIGRATIONS = [
     ("runs", "lease", "REAL"),
     ("pools", "owner_started", "REAL"),
     ("pools", "lease", "REAL"),
+    ("metrics", "attempt", "INTEGER NOT NULL DEFAULT 0"),
+    ("runs", "retries", "INTEGER"),
 ]
 
 #: What a run whose kernel is gone reads as, and why.
@@ -163,6 +173,30 @@ class Store:
 
     def set_pool_cost(self, pool_id: str, price_per_hour: float | None, cost: float | None) -> None:
         self.write([("UPDATE pools SET price_per_hour=?, cost=? WHERE id=?", (price_per_hour, cost, pool_id))])
+
+    # --- attempts and checkpoints ----------------------------------------------------------------
+    def start_attempt(self, seq: int, attempt: int, nodes: list[str], started: float) -> None:
+        self.write([("INSERT OR REPLACE INTO attempts (run, attempt, nodes, started) VALUES (?, ?, ?, ?)",
+                     (seq, attempt, json.dumps(nodes), started))])
+
+    @staticmethod
+    def attempt_end(seq: int, attempt: int, ended: float, reason: str) -> tuple[str, tuple]:
+        return ("UPDATE attempts SET ended=?, reason=? WHERE run=? AND attempt=?", (ended, reason, seq, attempt))
+
+    def attempts(self, seq: int) -> list[dict]:
+        return self.query("SELECT attempt, nodes, started, ended, reason FROM attempts WHERE run=? ORDER BY attempt",
+                          (seq,))
+
+    def save_checkpoint(self, seq: int, attempt: int, rank: int, state: bytes) -> None:
+        """Keep the newest checkpoint of a run (the one a retry starts from), durably."""
+        self.write([
+            ("DELETE FROM checkpoints WHERE run=? AND rank=?", (seq, rank)),
+            ("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)", (seq, attempt, rank, time.time(), state)),
+        ])
+
+    def last_checkpoint(self, seq: int, rank: int = 0) -> bytes | None:
+        rows = self.execute("SELECT state FROM checkpoints WHERE run=? AND rank=?", (seq, rank))
+        return rows[0][0] if rows else None
 
     def renew_leases(self, pool_ids: list[str], run_ids: list[str]) -> None:
         """The owner is alive: other machines reading this store see its pools and runs as live."""
@@ -305,10 +339,13 @@ class Store:
         self.write([("UPDATE commands SET done=?, result=? WHERE id=?", (time.time(), result, command))])
 
     # --- streams ---------------------------------------------------------------------------
-    def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list) -> None:
-        rows = zip([seq] * len(steps), [rank] * len(steps), steps, names, values, times)
+    def add_metrics(self, seq: int, rank: int, steps: list, names: list, values: list, times: list,
+                    attempt: int = 0) -> None:
+        n = len(steps)
+        rows = zip([seq] * n, [rank] * n, steps, names, values, times, [attempt] * n)
         with self._lock:
-            self._write_many("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._write_many("INSERT INTO metrics (run, rank, step, name, value, time, attempt)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             for listener in self._listeners.get(seq, ()):
                 listener(rank, steps, names, values)
 

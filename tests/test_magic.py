@@ -42,7 +42,7 @@ def test_two_node_ddp_with_all_reduce_comes_back(ip, run_cell):
     run = lm.last_run()
     assert run.status == "succeeded"
     metrics = run.metrics
-    assert list(metrics.columns) == ["rank", "step", "name", "value", "time"]
+    assert list(metrics.columns) == ["rank", "step", "name", "value", "time", "attempt"]
     assert sorted(metrics["rank"].unique()) == [0, 1]
     assert len(metrics) == 40  # 20 steps x 2 ranks, nothing lost
     history = run.history
@@ -239,7 +239,8 @@ def test_large_dataframe_output(ip, run_cell, monkeypatch, through):
     frame = ip.user_ns["frame"]
     assert frame.shape == (300_000, 2) and int(frame["a"].sum()) == 299_999 * 300_000 // 2
     frame.loc[0, "b"] = 5.0  # arrays rebuilt from received buffers are writable
-    transfer = lm.last_run()._live.transfer
+    run = lm.last_run()
+    transfer = json.loads(run.store.query("SELECT data FROM events WHERE run=? AND kind='outputs'", (run.seq,))[0]["data"])
     assert transfer["bytes"] > 4_000_000 and transfer["seconds"] > 0
     assert not os.listdir(sharedmem.default_dir())  # nothing left behind in /dev/shm
 

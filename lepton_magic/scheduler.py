@@ -1,0 +1,219 @@
+"""A run as the pool schedules it: a sequence of attempts, each one world of ranks on a set of
+nodes (a :class:`~lepton_magic.liverun.LiveRun`).
+
+When an attempt loses a node (its agent exited, its host went away, its heartbeat stopped) or a
+rank (killed, OOM-killed), the whole world is stopped and the run starts again on healthy nodes
+— the pool replaces the lost one, growing if it may — up to ``retries`` times, after a short
+backoff, from the last checkpoint the ranks saved (``lepton.checkpoint`` / ``lepton.restore``).
+An exception raised by the cell is the cell's own failure: retried only with ``retry_on_error``.
+Cancels and the run's timeout end the run, whatever attempt it is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import compat
+from .errors import LeptonError
+from .liverun import LiveRun, _seconds
+
+log = logging.getLogger("lepton_magic.scheduler")
+
+#: Seconds between an attempt's end and the next one's start (the last value repeats).
+BACKOFF_SECONDS = (1.0, 2.0, 5.0)
+
+
+@dataclass
+class RunSpec:
+    """What every attempt of a run starts from."""
+
+    code: str
+    line_offset: int
+    inputs: bytes | None
+    outputs: list[str]
+    explicit_outputs: bool
+    nodes: int
+    gpus: int | None
+    env: dict[str, str]
+    preload: bool
+    local: bool  # the backend's nodes share this machine (for the compatibility check)
+    retries: int = 0
+    retry_on_error: bool = False
+    timeout: float | None = None
+    on_done: list[Callable] = field(default_factory=list)
+
+
+class ScheduledRun:
+    """The run in flight, across its attempts: what ``Run`` and the views see of it."""
+
+    def __init__(self, *, store, pool, seq: int, run_id: str, name: str, spec: RunSpec):
+        self.store = store
+        self.pool = pool
+        self.seq = seq
+        self.id = self.run_id = run_id
+        self.name = name
+        self.spec = spec
+        self.attempt = 0
+        self.current: LiveRun | None = None
+        self.done = threading.Event()
+        self._cancel: tuple[str, bool] | None = None  # (reason, counts as a failure)
+        self._lock = threading.RLock()
+        self._timer: threading.Timer | None = None
+
+    # --- what a run in flight shows (the current attempt's, mostly) ---------------------------
+    @property
+    def status(self) -> str:
+        if self.current is None or (self.current.retrying and not self.done.is_set()):
+            return "starting"  # between attempts
+        return self.current.status
+
+    @property
+    def outputs(self) -> dict:
+        return self.current.outputs
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.current.skipped
+
+    @property
+    def error(self) -> LeptonError | None:
+        return self.current.error
+
+    @property
+    def notes(self) -> list[str]:
+        return self.current.notes
+
+    @property
+    def world_size(self) -> int:
+        return self.current.world_size
+
+    @property
+    def nodes(self) -> list:
+        return self.current.nodes
+
+    @property
+    def rank_pids(self) -> dict[int, int]:
+        """The current attempt's rank processes (rank → pid), as they started."""
+        return self.current.rank_pids
+
+    @property
+    def ended_at(self) -> float | None:
+        return self.current.ended_at if self.done.is_set() else None
+
+    @property
+    def started_at(self) -> float | None:
+        attempts = self.store.attempts(self.seq)
+        return attempts[0]["started"] if attempts else None
+
+    # --- control -----------------------------------------------------------------------------
+    def start(self, links) -> None:
+        """The first attempt, on nodes already acquired and checked."""
+        if self.spec.timeout:
+            self._timer = threading.Timer(self.spec.timeout, lambda: self.cancel(
+                reason=f"timed out after {_seconds(self.spec.timeout)}", failure=True))
+            self._timer.daemon = True
+            self._timer.start()
+        self._start_attempt(links)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    def cancel(self, reason: str = "cancelled by the user", failure: bool = False) -> None:
+        with self._lock:
+            if self.done.is_set() or self._cancel is not None:
+                return
+            self._cancel = (reason, failure)
+            current = self.current
+        if current is not None and not current.done.is_set():
+            current.cancel(reason=reason, failure=failure)
+        # else: between attempts; the next one sees the cancel and ends the run instead
+
+    def abort(self, error: BaseException) -> None:
+        if self.current is not None:
+            self.current.abort(error)
+
+    # --- attempts ----------------------------------------------------------------------------
+    def _start_attempt(self, links) -> None:
+        spec = self.spec
+        live = LiveRun(
+            store=self.store, pool=self.pool, seq=self.seq, run_id=self.run_id, name=self.name, code=spec.code,
+            line_offset=spec.line_offset, inputs=spec.inputs, outputs=spec.outputs,
+            explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, timeout=None, env=spec.env,
+            on_done=spec.on_done, preload=spec.preload, attempt=self.attempt,
+            checkpoint=self.store.last_checkpoint(self.seq) if self.attempt else None,
+            will_retry=self._will_retry, after_end=self._attempt_ended,
+        )
+        with self._lock:
+            self.current = live
+        live.start()
+        if not spec.retries:
+            spec.inputs = None  # no retry will need them: do not keep a copy of every input
+
+    def _will_retry(self, live: LiveRun) -> bool:
+        """Asked by an attempt that failed, before it records the run's end."""
+        with self._lock:
+            return (self._cancel is None and self.attempt < self.spec.retries
+                    and live.retryable(self.spec.retry_on_error))
+
+    def _attempt_ended(self, live: LiveRun) -> None:
+        if not live.retrying:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.done.set()
+            return
+        with self._lock:
+            self.attempt += 1
+        log.info("%s: attempt %d ended (%s); retrying", self.name, live.attempt + 1, live.lost)
+        self.store.add_event("retry", {"attempt": self.attempt, "reason": live.lost}, run=self.seq)
+        threading.Thread(target=self._retry, name=f"lepton-retry-{self.name}", daemon=True).start()
+
+    def _retry(self) -> None:
+        time.sleep(BACKOFF_SECONDS[min(self.attempt - 1, len(BACKOFF_SECONDS) - 1)])
+        spec = self.spec
+        try:
+            with self._lock:
+                if self._cancel is not None:
+                    raise _Cancelled(*self._cancel)
+            links = self.pool.acquire(spec.nodes, f"{self.run_id}.{self.attempt}")
+            try:
+                compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
+            except LeptonError:
+                self.pool.release_run(f"{self.run_id}.{self.attempt}")
+                raise
+        except _Cancelled as stop:
+            self._end_between_attempts("failed" if stop.failure else "cancelled", stop.reason,
+                                       LeptonError(f"{self.name} {stop.reason}") if stop.failure else None)
+            return
+        except Exception as e:  # no healthy nodes to be had: the run ends with why
+            error = LeptonError(f"{self.name} could not start attempt {self.attempt + 1}: {e}")
+            self._end_between_attempts("failed", str(error), error)
+            return
+        try:
+            self._start_attempt(links)
+        except BaseException as e:
+            self.current.abort(e)
+
+    def _end_between_attempts(self, status: str, reason: str, error: LeptonError | None) -> None:
+        """The run ends while no attempt runs (cancelled during the backoff, no nodes)."""
+        live = self.current
+        live.status, live.error, live.retrying = status, error or live.error, False
+        self.store.update_run(self.seq, status=status, ended=time.time(), reason=reason,
+                              error={"type": "LeptonError", "message": str(live.error)} if live.error else None)
+        for callback in self.spec.on_done:
+            try:
+                callback(live)
+            except Exception:
+                log.exception("a run-end callback failed")
+        if self._timer is not None:
+            self._timer.cancel()
+        self.done.set()
+
+
+class _Cancelled(Exception):
+    def __init__(self, reason: str, failure: bool):
+        super().__init__(reason)
+        self.reason, self.failure = reason, failure
