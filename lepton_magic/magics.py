@@ -65,6 +65,9 @@ def _env_pair(text: str) -> tuple[str, str]:
 @argument("--async", dest="background", action="store_true", help="return at once; outputs bind when the run ends")
 @argument("--timeout", type=_duration, default=None, help="cancel the run after this long: 90s, 30m, 2h")
 @argument("--env", type=_env_pair, action="append", default=[], help="KEY=VALUE set on every rank (repeatable)")
+@argument("--retries", type=_arg_type(parse_count, "--retries", 0), default=None,
+          help="start again on healthy nodes when a node or a rank is lost, up to N times (from the last checkpoint)")
+@argument("--retry-on-error", action="store_true", help="retry when the cell itself raises, too")
 @argument("--instance-type", default=None, help="ec2: the instance type of a new pool (e.g. g5.xlarge)")
 def _cell_args(line, cell):
     """%%lepton [options]: run this cell on N nodes as a torch.distributed job."""
@@ -73,10 +76,13 @@ def _cell_args(line, cell):
 @magic_arguments()
 @argument("--backend", "-b", type=_backend, default=None)
 @argument("--nodes", "-n", type=_nodes, default=None, help="nodes to start")
-@argument("--min", dest="min_nodes", type=_nodes, default=None, help="nodes to keep warm")
-@argument("--max", dest="max_nodes", type=_nodes, default=None, help="most nodes the pool may grow to")
+@argument("--min", dest="min_nodes", type=_arg_type(parse_count, "--min", 0), default=None,
+          help="nodes to keep warm (0: every idle node goes)")
+@argument("--max", dest="max_nodes", type=_arg_type(parse_count, "--max"), default=None,
+          help="most nodes the pool may grow to")
 @argument("--gpus", "-g", type=_gpus, default=None)
-@argument("--idle-timeout", type=_duration, default=None, help="release the pool after this long idle")
+@argument("--idle-timeout", type=_duration, default=None,
+          help="release a node above --min after this long idle")
 @argument("--instance-type", default=None, help="ec2: instance type (e.g. g5.xlarge)")
 @argument("--spot", action="store_true", help="ec2: spot instances")
 @argument("--region", default=None, help="ec2: AWS region")
@@ -208,7 +214,7 @@ class LeptonMagics(Magics):
             run = self.session.submit(
                 cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
                 name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,
-                env=dict(args.env),
+                env=dict(args.env), retries=args.retries, retry_on_error=args.retry_on_error,
             )
         except (cellcode.CellSyntaxError, LeptonError) as e:
             raise UsageError(str(e)) from None
@@ -242,20 +248,22 @@ class LeptonMagics(Magics):
         args = _parse(_up_args, rest)
         if args is None:
             return None
-        if args.nodes and (args.min_nodes or args.max_nodes):
+        if args.nodes and (args.min_nodes is not None or args.max_nodes):
             raise UsageError("give either --nodes N or --min N --max M, not both")
-        if args.min_nodes and args.max_nodes and args.min_nodes > args.max_nodes:
+        if args.min_nodes is not None and args.max_nodes and args.min_nodes > args.max_nodes:
             raise UsageError(f"--min {args.min_nodes} is more than --max {args.max_nodes}")
         nodes = args.nodes or args.min_nodes
         ec2 = {"ec2_instance_type": args.instance_type, "ec2_spot": True if args.spot else None,
                "ec2_region": args.region}
         if any(v is not None for v in ec2.values()) and (args.backend or self.session.config["backend"]) != "ec2":
             raise UsageError("--instance-type, --spot and --region go with --backend ec2")
-        pool = self.session.up(args.backend, nodes, idle_timeout=args.idle_timeout,
+        pool = self.session.up(args.backend, nodes, idle_timeout=args.idle_timeout, min_nodes=args.min_nodes,
                                max_nodes=args.max_nodes, gpus=args.gpus, **ec2)
         idle = pool.settings.get("idle_timeout")
-        print(f"pool {pool.id} up: {len(pool.live_nodes)} {pool.backend_name} node(s)"
-              + (f" · released after {idle:g} s idle" if idle else ""))
+        size = f" · {pool.limits}" if pool.limits else ""
+        kept = f"nodes above {pool.min_nodes} " if pool.min_nodes else ""
+        print(f"pool {pool.id} up: {len(pool.live_nodes)} {pool.backend_name} node(s){size}"
+              + (f" · {kept}released after {idle:g} s idle" if idle else ""))
         return None
 
     def _cmd_down(self, rest: str):

@@ -40,7 +40,12 @@ class Pool:
         self.closed = False
         self._run_ids: list[str] = []
         self._lock = threading.RLock()
-        self._last_active = time.monotonic()
+        #: When each free node that has come up last became free (time.monotonic()): its idle clock.
+        self._idle_since: dict[str, float] = {}
+        self._growing = 0  # grow() calls under way
+        # Names are never used twice in a pool: the store and the backends (EC2's cost) key by name.
+        self._nodes_named = 0
+        self._released: set[str] = set()  # nodes stopped on purpose, whose exit is no loss
         self._log_dir = Path(store.home) / "logs"
         private.make_dir(self._log_dir)
         store.add_pool(self.id, backend, {k: v for k, v in settings.items() if k != "secret"})
@@ -52,22 +57,49 @@ class Pool:
     def live_nodes(self) -> list[NodeLink]:
         return [n for n in self.nodes if n.alive]
 
-    def grow(self, count: int) -> list[NodeLink]:
-        """Start ``count`` more nodes and wait until each has reported in."""
-        cap = self.settings.get("max_nodes")
-        if cap and len(self.live_nodes) + count > cap:
-            raise LeptonError(
-                f"the pool may hold at most {cap} nodes (%lepton up --max {cap}); "
-                f"{len(self.live_nodes) + count} would be needed"
-            )
+    @property
+    def min_nodes(self) -> int:
+        """Nodes the idle release leaves (``%lepton up --min N``). 0 for a pool started with
+        ``--nodes N`` or by a cell: all its nodes go when idle, and it grows again on demand."""
+        return self.settings.get("min_nodes") or 0
+
+    @property
+    def max_nodes(self) -> int | None:
+        """The most nodes the pool may hold (``--max M``); None: no cap but the max_nodes
+        setting, which bounds each run and each ``%lepton up``."""
+        return self.settings.get("max_nodes")
+
+    @property
+    def limits(self) -> str:
+        """``min 1, max 3`` as ``%lepton up`` and ``status`` show it; "" for a pool given neither."""
+        if not (self.min_nodes or self.max_nodes):
+            return ""
+        return f"min {self.min_nodes}" + (f", max {self.max_nodes}" if self.max_nodes else "")
+
+    def grow(self, count: int, reason: str) -> list[NodeLink]:
+        """Start ``count`` more nodes and wait until each has reported in; ``reason`` (why the
+        pool grows) goes into the pool's events."""
         with self._lock:
-            taken = {n.name for n in self.nodes}
-            names, i = [], 0
-            while len(names) < count:
-                name = f"{self.backend_name}-{i}"
-                if name not in taken:
-                    names.append(name)
-                i += 1
+            self._check_room(count, reason)
+            names = [f"{self.backend_name}-{i}" for i in range(self._nodes_named, self._nodes_named + count)]
+            self._nodes_named += count
+            self._growing += 1
+        try:
+            return self._start(names, reason)
+        finally:
+            with self._lock:
+                self._growing -= 1
+
+    def _check_room(self, count: int, reason: str) -> None:
+        cap = self.max_nodes
+        if cap and len(self.live_nodes) + count > cap:
+            message = f"the pool may hold at most {cap} nodes (%lepton up --max {cap}); {reason}"
+            self.store.add_event("pool_grow_refused", {"nodes": count, "reason": message}, pool=self.id)
+            raise LeptonError(message)
+
+    def _start(self, names: list[str], reason: str) -> list[NodeLink]:
+        self.store.add_event("pool_grow", {"nodes": len(names), "reason": reason}, pool=self.id)
+        with self._lock:
             started = time.time()
             for name in names:
                 self.store.upsert_node(self.id, name, status="starting", started=started)
@@ -75,45 +107,77 @@ class Pool:
                                              str(self._log_dir))
             self.nodes.extend(links)
         deadline = time.monotonic() + NODE_START_TIMEOUT
+        failed = []
         for link in links:
             link.ready.wait(max(0.0, deadline - time.monotonic()))
             if not link.alive or not link.facts:
+                # Lost, so that nothing waits on it or keeps it: the others still join the pool.
+                link.lose(f"it did not report in within {NODE_START_TIMEOUT:.0f} s")
                 self.store.upsert_node(self.id, link.name, status="lost")
-                raise LeptonError(
-                    f"node {link.name} did not start (see {self._log_dir / f'agent-{link.name}.log'})"
-                )
+                failed.append(link)
+                continue
             gpus = link.facts.get("gpus") or []
+            # ``started`` becomes when it came up: its idle clock starts there (readers of the
+            # store, like the sidebar's countdown, count from it too).
             self.store.upsert_node(
                 self.id, link.name, status="ready", host=link.host, cpus=link.facts.get("cpus"),
                 memory=link.facts.get("memory"), gpus=len(gpus),
                 gpu_name=gpus[0]["name"] if gpus else None,
                 gpu_memory=gpus[0]["memory"] if gpus else None,
                 agent_pid=link.facts.get("pid"), python=link.facts.get("python"), last_seen=time.time(),
+                started=time.time(),
             )
+            with self._lock:
+                self._idle_since[link.name] = time.monotonic()
         self.record_cost()
+        if failed:
+            name = failed[0].name
+            raise LeptonError(f"node {name} did not start (see {self._log_dir / f'agent-{name}.log'})")
         return links
 
     def ensure(self, count: int) -> None:
-        missing = count - len(self.live_nodes)
+        """At least ``count`` live nodes (``%lepton up``, and before each run). Asking counts as
+        using: the idle clocks of the free nodes that make up the count start again, so they are
+        not released just as a run or ``up`` is about to take them."""
+        with self._lock:
+            live = self.live_nodes
+            now = time.monotonic()
+            for link in self._free(live)[:count]:
+                self._idle_since[link.name] = now
+        missing = count - len(live)
         if missing > 0:
-            self.grow(missing)
+            self.grow(missing, f"{_nodes(count)} asked for, {len(live)} up")
 
     def acquire(self, count: int, run_id: str) -> list[NodeLink]:
-        """``count`` idle nodes for one run, starting more when the pool is short."""
+        """``count`` idle nodes for one run, starting more when too few are free (up to the
+        pool's max). The free ones are taken at once: no idle release takes them while the
+        others start."""
         with self._lock:
             if self.closed:
                 raise LeptonError("the pool was released; run again to start a new one")
-            idle = [n for n in self.live_nodes if n.name not in self.busy]
-        if len(idle) < count:
-            self.grow(count - len(idle))
-        with self._lock:
-            idle = [n for n in self.live_nodes if n.name not in self.busy][:count]
-            if len(idle) < count:
-                raise LeptonError(f"the pool has {len(idle)} usable nodes, the run needs {count}")
-            for node in idle:
-                self.busy[node.name] = run_id
-            self._last_active = time.monotonic()
-            return idle
+            taken = self._take(count, run_id)
+        if len(taken) == count:
+            return taken
+        try:
+            self.grow(count - len(taken), f"a run needs {_nodes(count)}, {len(taken)} free")
+            with self._lock:
+                taken += self._take(count - len(taken), run_id)
+            if len(taken) < count:
+                raise LeptonError(f"the pool has {len(taken)} usable nodes, the run needs {count}")
+        except BaseException:
+            self.release_run(run_id)
+            raise
+        return taken
+
+    def _free(self, links: list[NodeLink]) -> list[NodeLink]:
+        """Those of ``links`` that have come up and run nothing."""
+        return [n for n in links if n.name not in self.busy and n.name in self._idle_since]
+
+    def _take(self, count: int, run_id: str) -> list[NodeLink]:
+        taken = self._free(self.live_nodes)[:count]
+        for node in taken:
+            self.busy[node.name] = run_id
+        return taken
 
     def attach_run(self, run: "LiveRun") -> None:
         with self._lock:
@@ -125,11 +189,12 @@ class Pool:
 
     def release_run(self, run_id: str) -> None:
         with self._lock:
+            now = time.monotonic()
             for name, owner in list(self.busy.items()):
                 if owner == run_id:
                     del self.busy[name]
+                    self._idle_since[name] = now
             self.runs.pop(run_id, None)
-            self._last_active = time.monotonic()
 
     # --- messages from agents ---------------------------------------------------------------
     def _on_message(self, link: NodeLink, message: dict) -> None:
@@ -152,7 +217,7 @@ class Pool:
             self.store.upsert_node(self.id, link.name, torch=message.get("torch"))
 
     def _on_lost(self, link: NodeLink, reason: str) -> None:
-        if self.closed:
+        if self.closed or link.name in self._released:
             return
         log.warning("node %s lost: %s", link.name, reason)
         # Whatever is left of it goes: a hung or corrupt agent is killed, a dead one reaped.
@@ -172,12 +237,20 @@ class Pool:
             self.store.set_pool_cost(self.id, price, cost)
 
     def idle_remaining(self) -> float | None:
-        """Seconds until the idle release, None while a run is on or with no idle timeout."""
+        """Seconds until the next idle node is released; None when none would be (no idle
+        timeout, the pool at its min, or every node above it busy)."""
         timeout = self.settings.get("idle_timeout")
         with self._lock:
-            if not timeout or self.runs or self.closed:
+            idle = self._longest_idle_first()
+            if not timeout or self.closed or not idle or len(self.live_nodes) <= self.min_nodes:
                 return None
-            return max(0.0, timeout - (time.monotonic() - self._last_active))
+            return max(0.0, timeout - (time.monotonic() - self._idle_since[idle[0].name]))
+
+    def _longest_idle_first(self) -> list[NodeLink]:
+        """Free nodes in the order the idle release takes them: among nodes freed together (by
+        one run's end) the newest first, so the pool keeps its oldest, as runs take them first."""
+        newest_first = reversed(self._free(self.live_nodes))
+        return sorted(newest_first, key=lambda link: self._idle_since[link.name])
 
     def _watch(self) -> None:
         """Once a second: nodes that stopped answering, the cost, the idle release."""
@@ -188,14 +261,27 @@ class Pool:
             self._lose_silent_nodes()
             if ticks % 10 == 0:
                 self.record_cost()
-            timeout = self.settings.get("idle_timeout")
-            with self._lock:
-                active = bool(self.runs)
-                idle_for = time.monotonic() - self._last_active
-            if timeout and not active and idle_for > timeout and not self.closed:
-                log.info("releasing pool %s after %.0f s idle", self.id, idle_for)
-                self.store.add_event("idle_release", {"idle_seconds": idle_for}, pool=self.id)
-                self.down()
+            self._release_idle_nodes()
+
+    def _release_idle_nodes(self) -> None:
+        """Nodes above min that sat idle for the idle timeout go, the longest idle first. Each
+        node has its own clock, so a pool kept busy by small runs still sheds what a big run
+        needed. Busy nodes never go, and none while nodes start: what they start for is about
+        to take free ones."""
+        timeout = self.settings.get("idle_timeout")
+        if not timeout:
+            return
+        with self._lock:
+            if self.closed or self._growing:
+                return
+            now = time.monotonic()
+            due = [n for n in self._longest_idle_first() if now - self._idle_since[n.name] >= timeout]
+            going = due[:max(0, len(self.live_nodes) - self.min_nodes)]
+            for link in going:
+                self._forget(link)
+        if going:
+            log.info("pool %s: releasing %d node(s) idle for %s", self.id, len(going), _duration(timeout))
+            self._stop(going, f"idle {_duration(timeout)}; min {self.min_nodes}")
 
     def _lose_silent_nodes(self) -> None:
         deadline = self.settings.get("heartbeat_timeout") or HEARTBEAT_TIMEOUT
@@ -213,10 +299,23 @@ class Pool:
                 return f"no live node {name} in pool {self.id}"
             if name in self.busy:
                 return f"{name} is busy with run {self.busy[name]}: cancel it first"
-            self.nodes.remove(link)
-        self.backend.stop_node(link)
-        self.store.upsert_node(self.id, name, status="released")
+            self._forget(link)
+        self._stop([link], "released on request")
         return f"released {name}"
+
+    def _forget(self, link: NodeLink) -> None:
+        """Out of the pool before it is stopped: no run can take it, and its exit is no loss."""
+        self.nodes.remove(link)
+        self._idle_since.pop(link.name, None)
+        self._released.add(link.name)
+
+    def _stop(self, links: list[NodeLink], reason: str) -> None:
+        self.store.add_event("pool_shrink", {"nodes": len(links), "released": [n.name for n in links],
+                                             "reason": reason}, pool=self.id)
+        for link in links:
+            self.backend.stop_node(link)
+            self.store.upsert_node(self.id, link.name, status="released")
+        self.record_cost()
 
     def down(self, reason: str = "the pool was released") -> None:
         """Cancel whatever still runs (saying ``reason``), stop every agent, and mark the pool
@@ -240,3 +339,11 @@ class Pool:
         if shm:  # results no kernel mapped (a rank killed while writing one): free that memory
             sharedmem.sweep(shm, self._run_ids)
         self.store.end_pool(self.id)
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g} s" if seconds < 120 else f"{seconds / 60:g} min"

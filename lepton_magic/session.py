@@ -42,9 +42,10 @@ class Session:
         return pool if pool is not None and not pool.closed else None
 
     def up(self, backend: str | None = None, nodes: int | None = None, **settings: Any) -> Pool:
-        """Start (or grow) the pool of ``backend`` to ``nodes`` warm nodes."""
+        """Start (or grow) the pool of ``backend`` to ``nodes`` warm nodes (0: a pool that starts
+        nodes as runs need them, ``%lepton up --min 0``)."""
         backend = backend or self.config["backend"]
-        nodes = nodes or self.config["nodes"]
+        nodes = nodes if nodes is not None else self.config["nodes"]
         self._check_node_count(max(nodes, settings.get("max_nodes") or 0))
         with self._lock:
             pool = self.pool(backend)
@@ -212,7 +213,7 @@ class Session:
         explicit = outputs is not None
         output_names = outputs if explicit else cellcode.assigned_names(tree)
 
-        pool = self.up(backend, nodes)
+        pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
         run_id = f"r-{secrets.token_hex(4)}"
         seq, name = self.store.add_run(
             run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,

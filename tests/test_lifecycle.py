@@ -74,18 +74,27 @@ def test_down_leaves_no_process(ip):
 
 
 def test_idle_pool_is_released(tmp_path):
+    """A pool started the old way (--nodes N, or by a cell) has min 0: after the idle timeout
+    every node goes, and the pool, up with no node, starts nodes again for the next run."""
     session = Session(store=lm.current_session().store)
     session.config.set("idle_timeout", "1s")
     pool = session.up(nodes=1)
-    agent = pool.live_nodes[0].facts["pid"]
-    assert not wait_gone([agent], 8.0)
-    assert pool.closed
-    deadline = time.monotonic() + 5  # the store is told just after the last agent is gone
-    while time.monotonic() < deadline:
-        if session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))[0]["status"] == "down":
-            break
-        time.sleep(0.05)
-    assert session.store.query("SELECT status FROM pools WHERE id=?", (pool.id,))[0]["status"] == "down"
+
+    def node_status():
+        return session.store.query("SELECT status FROM nodes WHERE pool=?", (pool.id,))[0]["status"]
+
+    try:
+        agent = pool.live_nodes[0].facts["pid"]
+        assert not wait_gone([agent], 8.0)
+        deadline = time.monotonic() + 5  # the store is told just after the agent is gone
+        while time.monotonic() < deadline and node_status() != "released":
+            time.sleep(0.05)
+        assert node_status() == "released"
+        assert pool.live_nodes == [] and not pool.closed
+        assert session.submit("x = 1\n", {}, nodes=1).wait(60).status == "succeeded"
+        assert len(pool.live_nodes) == 1
+    finally:
+        session.down()
 
 
 KERNEL = textwrap.dedent(

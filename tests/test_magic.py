@@ -257,7 +257,8 @@ def test_checkpoint_reaches_the_kernel(ip, run_cell):
     assert ip.user_ns["again"] == {"step": 3, "rank": 0}
     from lepton_magic import values
 
-    assert values.loads(lm.last_run()._live.checkpoint_blob) == {"step": 3, "rank": 0}  # rank 0's
+    run = lm.last_run()
+    assert values.loads(run.store.last_checkpoint(run.seq)) == {"step": 3, "rank": 0}  # rank 0's, kept durably
 
 
 def test_attach_in_a_terminal_prints_the_summary(ip, run_cell):

@@ -19,6 +19,8 @@ from ..ui.model import RunView
 SPARK_POINTS = 40
 CURVE_BUCKETS = 200  # ≤ 400 points per line
 LOG_LINES = 50
+#: Latest events listed per pool.
+POOL_EVENTS = 5
 #: Run views kept between requests (each holds a run's curves in memory).
 CACHED_VIEWS = 64
 #: Why a run whose kernel died has failed (the words ``Run.status`` records).
@@ -53,27 +55,46 @@ class LeptonManager:
         nodes = effective_nodes(pool, stored)
         live = [n for n in nodes if n["status"] not in ("released", "lost")]
         settings = json.loads(pool["settings"] or "{}")
-        idle_timeout = settings.get("idle_timeout")
-        active, last_end = self.store.execute(
-            "SELECT SUM(status IN ('queued','starting','running')), MAX(ended) FROM runs WHERE pool=?",
-            (pool["id"],),
-        )[0]
-        idle_since = max(x for x in (last_end, pool["created"]) if x is not None)
+        idle_timeout, min_nodes = settings.get("idle_timeout"), settings.get("min_nodes") or 0
         remaining = None
-        if idle_timeout and not active and pool["status"] == "up":
-            remaining = max(0.0, idle_timeout - (now - idle_since))
+        if idle_timeout and pool["status"] == "up" and len(live) > min_nodes:
+            remaining = self._next_idle_release(pool["id"], live, idle_timeout, now)
         return {
             "id": pool["id"], "backend": pool["backend"], "status": pool["status"],
             "nodes_ready": sum(1 for n in live if n["status"] == "ready"), "nodes_total": len(live),
+            "min_nodes": min_nodes, "max_nodes": settings.get("max_nodes"),
             "gpus": sum(n["gpus"] or 0 for n in live), "cost_per_hour": pool.get("price_per_hour"),
             "cost_so_far": pool.get("cost"),
             "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
+            "events": self._pool_events(pool["id"]),
             "nodes": [{
                 "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
                 "gpu_name": n["gpu_name"], "cpu_percent": n["cpu_percent"], "mem_used": n["mem_used"],
                 "last_seen_ago": (now - n["last_seen"]) if n["last_seen"] else None,
             } for n in nodes],
         }
+
+    def _next_idle_release(self, pool_id: str, live: list[dict], idle_timeout: float,
+                           now: float) -> float | None:
+        """Seconds until the pool releases its longest-idle node, as ``Pool`` counts: each free
+        node from when it came up or its last run ended. None while every node is busy."""
+        usage = {node: (ended, active) for node, ended, active in self.store.execute(
+            "SELECT rn.node, MAX(r.ended), SUM(r.status IN ('queued','starting','running'))"
+            " FROM run_nodes rn JOIN runs r ON r.seq = rn.run WHERE r.pool=? GROUP BY rn.node", (pool_id,))}
+        idle_since = []
+        for n in live:
+            ended, active = usage.get(n["node"], (None, 0))
+            times = [t for t in (n["started"], ended) if t is not None]
+            if n["status"] == "ready" and not active and times:
+                idle_since.append(max(times))
+        return max(0.0, idle_timeout - (now - min(idle_since))) if idle_since else None
+
+    def _pool_events(self, pool_id: str) -> list[dict]:
+        """The pool's latest events (grown, shrunk and why, nodes lost), oldest first."""
+        rows = self.store.query("SELECT time, kind, data FROM events WHERE pool=? ORDER BY id DESC LIMIT ?",
+                                (pool_id, POOL_EVENTS))
+        return [{"time": r["time"], "kind": r["kind"], "data": json.loads(r["data"] or "{}")}
+                for r in reversed(rows)]
 
     def runs(self, limit: int = 50) -> list[dict]:
         rows = self.store.query("SELECT * FROM runs ORDER BY seq DESC LIMIT ?", (limit,))

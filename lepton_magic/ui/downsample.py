@@ -60,6 +60,14 @@ class Series:
         self._y[self.n : self.n + m] = ys
         self.n += m
 
+    def drop_from(self, step: float) -> None:
+        """Forget the points from ``step`` on: a retried run logs them again, and the latest
+        attempt's points are the curve (steps grow along a series)."""
+        later = np.flatnonzero(self.x >= step)
+        if len(later):
+            self.n = int(later[0])
+            self._smooth = self._smooth[: self.n]
+
     def smoothed(self, weight: float) -> np.ndarray:
         """Exponential moving average (TensorBoard's smoothing); weight 0 is the raw curve."""
         if weight <= 0:

@@ -50,6 +50,9 @@ class Header:
     steps_per_second: float | None = None
     error: str | None = None
     cost: float | None = None
+    #: "attempt 2 of 3 on local-0, local-2 — local-1 lost: no heartbeat for 10 s" once a run
+    #: has been retried.
+    attempt: str | None = None
 
 
 @dataclass(eq=False)
@@ -119,7 +122,7 @@ class RunView:
             xs.append(step)
             ys.append(np.nan if value is None else value)
         for (name, rank), (xs, ys) in grouped.items():
-            self.series[name].setdefault(rank, Series()).extend(xs, ys)
+            self._extend(name, rank, xs, ys)
 
     def _on_batch(self, rank, steps, names, values) -> None:
         self._batches.append((rank, steps, names, values))  # on the receiving thread: O(1) only
@@ -127,14 +130,20 @@ class RunView:
     def _add_batch(self, rank: int, steps: list, names: list, values: list) -> None:
         # Values come as the rank sent them (NaN stays NaN; only SQLite turns it into NULL).
         if names and names[0] == names[-1] and all(n == names[0] for n in names):
-            self.series[names[0]].setdefault(rank, Series()).extend(steps, values)
+            self._extend(names[0], rank, steps, values)
             return
         names_a = np.asarray(names)
         steps_a = np.asarray(steps)
         values_a = np.asarray(values, dtype=float)
         for name in dict.fromkeys(names):
             mask = names_a == name
-            self.series[name].setdefault(rank, Series()).extend(steps_a[mask], values_a[mask])
+            self._extend(name, rank, steps_a[mask], values_a[mask])
+
+    def _extend(self, name: str, rank: int, steps, values) -> None:
+        series = self.series[name].setdefault(rank, Series())
+        if len(steps) and series.n and steps[0] <= series.x[-1]:
+            series.drop_from(steps[0])  # a retry resumed from a checkpoint: one continuous curve
+        series.extend(steps, values)
 
     def close(self) -> None:
         """Stop taking batches from the store (the run ended, or the panel is gone)."""
@@ -174,7 +183,16 @@ class RunView:
         if cost is None and row.get("price_per_hour") and elapsed is not None:
             cost = row["price_per_hour"] * elapsed / 3600  # so far, while it runs
         self.header = Header(row["name"], row["id"], row["status"], row["backend"] or "?",
-                             row["world_size"], elapsed, step, rate, error, cost)
+                             row["world_size"], elapsed, step, rate, error, cost, self._attempt_text(row))
+
+    def _attempt_text(self, row: dict) -> str | None:
+        attempts = self.store.attempts(self.seq)
+        if len(attempts) < 2:
+            return None
+        last, before = attempts[-1], attempts[-2]
+        nodes = ", ".join(json.loads(last["nodes"] or "[]"))
+        return (f"attempt {last['attempt'] + 1} of {(row.get('retries') or 0) + 1} on {nodes}"
+                f" — {before['reason']}")
 
     def _refresh_nodes(self) -> None:
         rows = self.store.query(

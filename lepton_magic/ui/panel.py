@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import json
 import threading
 import time
 from typing import Callable
@@ -171,6 +172,8 @@ class RunPanel:
         if h.cost:
             parts.append(f"${h.cost:.2f}")
         text = " · ".join(parts)
+        if h.attempt:
+            text += f'<div class="lepton-attempt">{html.escape(h.attempt)}</div>'
         if h.error:
             text += f'<div style="color:#cb4b16">{html.escape(h.error)}</div>'
         return text
@@ -322,7 +325,13 @@ class _PanelBox(w.VBox):
 
 
 class PoolPanel:
-    """``%lepton status``: every node of this session's pools, with its last telemetry."""
+    """``%lepton status``: this session's pools (size, min and max, the next idle release, their
+    latest events) and their nodes, with the last telemetry of each."""
+
+    #: Events shown per pool, the latest last.
+    EVENTS = 5
+    _VERBS = {"pool_grow": "started", "pool_shrink": "released", "pool_grow_refused": "did not start",
+              "node_lost": "lost"}
 
     def __init__(self, session):
         self.session = session
@@ -331,34 +340,53 @@ class PoolPanel:
         self.widget.add_class("lepton-pool-panel")
 
     def update(self) -> None:
-        pools = []
-        for pool in self.session.pools.values():
-            if pool.closed:
-                continue
-            price, cost, idle = pool.backend.price_per_hour(), pool.backend.cost_so_far(), pool.idle_remaining()
-            text = f"<b>{pool.id}</b> ({pool.backend_name}) · {len(pool.live_nodes)} node(s)"
-            if price:
-                text += f" · ${price:.2f}/h · ${cost or 0:.2f} so far"
-            if idle is not None:
-                text += f" · released in {int(idle // 60)}:{int(idle % 60):02d} if idle"
-            pools.append(f'<div class="lepton-pool-line">{text}</div>')
-        df = self.session.nodes()
-        now = time.time()
-        rows = []
-        for r in df.to_dict("records"):
-            age = now - r["last_seen"] if r.get("last_seen") else None
-            gpus = f"{r['gpus']} × {html.escape(r['gpu_name'])}" if r.get("gpus") and r.get("gpu_name") else "CPU"
-            rows.append(
-                f'<tr class="lepton-node-row"><td>{html.escape(str(r["pool"]))}</td><td>{html.escape(r["node"])}</td>'
-                f"<td>{html.escape(str(r.get('host') or '?'))}</td><td>{gpus}</td>"
-                f"<td>{_num(r.get('cpu_percent'))}</td><td>{_bytes(r.get('mem_used'))}</td>"
-                f"<td>{html.escape(str(r.get('torch') or '–'))}</td><td>{_badge(r['status'], 'lepton-node-status')}</td>"
-                f"<td>{'–' if age is None else f'{age:.0f} s ago'}</td></tr>"
-            )
-        if not rows:
+        pools = [pool for pool in self.session.pools.values() if not pool.closed]
+        if not pools:
             self.table.value = "<i>no pool is up: %lepton up --nodes N, or run a %%lepton cell</i>"
             return
+        # Released nodes are gone: the pool's events say when and why.
+        nodes = self.session.nodes().to_dict("records")
+        rows = [self._node_row(r) for r in nodes if r["status"] != "released"]
         head = ("<tr><th>pool</th><th>node</th><th>host</th><th>GPUs</th><th>CPU %</th><th>memory used</th>"
                 "<th>torch</th><th>status</th><th>heartbeat</th></tr>")
-        self.table.value = "".join(pools) + (
-            f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>')
+        table = f'<div class="jp-RenderedHTMLCommon"><table>{head}{"".join(rows)}</table></div>'
+        self.table.value = "".join(self._pool_html(pool) for pool in pools) + (table if rows else "")
+
+    def _pool_html(self, pool) -> str:
+        price, cost, idle = pool.backend.price_per_hour(), pool.backend.cost_so_far(), pool.idle_remaining()
+        text = f"<b>{pool.id}</b> ({pool.backend_name}) · {len(pool.live_nodes)} node(s)"
+        if pool.limits:
+            text += f" · {pool.limits}"
+        if price:
+            text += f" · ${price:.2f}/h · ${cost or 0:.2f} so far"
+        if idle is not None:
+            text += f" · next idle node released in {int(idle // 60)}:{int(idle % 60):02d}"
+        rows = self.session.store.query("SELECT time, kind, data FROM events WHERE pool=? ORDER BY id DESC LIMIT ?",
+                                        (pool.id, self.EVENTS))
+        events = "".join(
+            f'<li class="lepton-pool-event">{time.strftime("%H:%M:%S", time.localtime(r["time"]))} '
+            f'{html.escape(self._event_text(r["kind"], json.loads(r["data"] or "{}")))}</li>'
+            for r in reversed(rows)
+        )
+        listed = f'<ul class="lepton-pool-events" style="margin:2px 0;font-size:90%">{events}</ul>'
+        return f'<div class="lepton-pool-line">{text}</div>' + (listed if events else "")
+
+    @classmethod
+    def _event_text(cls, kind: str, data: dict) -> str:
+        """``released 2 node(s) (local-1, local-2): idle 10 min; min 1``"""
+        subject = f"{data['nodes']} node(s)" if "nodes" in data else data.get("node", "")
+        names = f" ({', '.join(data['released'])})" if data.get("released") else ""
+        text = f"{cls._VERBS.get(kind, kind.replace('_', ' '))} {subject}{names}".strip()
+        return f"{text}: {data['reason']}" if data.get("reason") else text
+
+    @staticmethod
+    def _node_row(r: dict) -> str:
+        age = time.time() - r["last_seen"] if r.get("last_seen") else None
+        gpus = f"{r['gpus']} × {html.escape(r['gpu_name'])}" if r.get("gpus") and r.get("gpu_name") else "CPU"
+        return (
+            f'<tr class="lepton-node-row"><td>{html.escape(str(r["pool"]))}</td><td>{html.escape(r["node"])}</td>'
+            f"<td>{html.escape(str(r.get('host') or '?'))}</td><td>{gpus}</td>"
+            f"<td>{_num(r.get('cpu_percent'))}</td><td>{_bytes(r.get('mem_used'))}</td>"
+            f"<td>{html.escape(str(r.get('torch') or '–'))}</td><td>{_badge(r['status'], 'lepton-node-status')}</td>"
+            f"<td>{'–' if age is None else f'{age:.0f} s ago'}</td></tr>"
+        )
