@@ -104,7 +104,7 @@ SETTINGS: dict[str, Setting] = {
     "nodes": Setting(1, lambda v: parse_count(v, "nodes"), "nodes per run when --nodes is not given"),
     "gpus": Setting(None, lambda v: None if str(v).lower() in ("", "none") else parse_count(v, "gpus", 0),
                     "GPUs (rank processes) per node; none = every GPU the node has"),
-    "idle_timeout": Setting(1800.0, parse_duration, "release an idle pool after this long (off to keep it)"),
+    "idle_timeout": Setting(1800.0, parse_duration, "release a pool's idle nodes (above its --min) after this long (off to keep them)"),
     "timeout": Setting(None, parse_duration, "default run timeout (none for no limit)"),
     "retries": Setting(0, lambda v: parse_count(v, "retries", 0),
                        "times a run starts again when it loses a node or a rank (from its last checkpoint)"),

@@ -58,6 +58,7 @@ class Session:
                 self._start_command_poller()
             else:
                 pool.settings.update({k: v for k, v in settings.items() if v is not None})
+                self.store.set_pool_settings(pool.id, {k: v for k, v in pool.settings.items() if k != "secret"})
         pool.ensure(nodes)
         return pool
 

@@ -71,6 +71,7 @@ CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (run);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, run INTEGER, pool TEXT, time REAL NOT NULL, kind TEXT NOT NULL, data TEXT
 );
+CREATE INDEX IF NOT EXISTS events_pool ON events (pool);
 """
 
 #: Columns added after a table was first created: (table, column, type), applied on open.
@@ -386,6 +387,14 @@ class Store:
     def _write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._transaction() as db:
             db.executemany(sql, rows)
+
+    def pool_events(self, pool_id: str, limit: int) -> list[dict]:
+        """A pool's latest events (grown, shrunk and why, nodes lost), oldest first."""
+        rows = self.query("SELECT time, kind, data FROM events WHERE pool=? ORDER BY id DESC LIMIT ?", (pool_id, limit))
+        return [{"time": r["time"], "kind": r["kind"], "data": json.loads(r["data"] or "{}")} for r in reversed(rows)]
+
+    def set_pool_settings(self, pool_id: str, settings: dict) -> None:
+        self.write([("UPDATE pools SET settings=? WHERE id=?", (json.dumps(settings), pool_id))])
 
     def add_event(self, kind: str, data: dict | None = None, run: int | None = None, pool: str | None = None) -> None:
         self.write([self.event_insert(kind, data, run, pool)])

@@ -91,10 +91,7 @@ class LeptonManager:
 
     def _pool_events(self, pool_id: str) -> list[dict]:
         """The pool's latest events (grown, shrunk and why, nodes lost), oldest first."""
-        rows = self.store.query("SELECT time, kind, data FROM events WHERE pool=? ORDER BY id DESC LIMIT ?",
-                                (pool_id, POOL_EVENTS))
-        return [{"time": r["time"], "kind": r["kind"], "data": json.loads(r["data"] or "{}")}
-                for r in reversed(rows)]
+        return self.store.pool_events(pool_id, POOL_EVENTS)
 
     def runs(self, limit: int = 50) -> list[dict]:
         rows = self.store.query("SELECT * FROM runs ORDER BY seq DESC LIMIT ?", (limit,))

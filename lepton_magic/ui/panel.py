@@ -361,12 +361,10 @@ class PoolPanel:
             text += f" · ${price:.2f}/h · ${cost or 0:.2f} so far"
         if idle is not None:
             text += f" · next idle node released in {int(idle // 60)}:{int(idle % 60):02d}"
-        rows = self.session.store.query("SELECT time, kind, data FROM events WHERE pool=? ORDER BY id DESC LIMIT ?",
-                                        (pool.id, self.EVENTS))
         events = "".join(
-            f'<li class="lepton-pool-event">{time.strftime("%H:%M:%S", time.localtime(r["time"]))} '
-            f'{html.escape(self._event_text(r["kind"], json.loads(r["data"] or "{}")))}</li>'
-            for r in reversed(rows)
+            f'<li class="lepton-pool-event">{time.strftime("%H:%M:%S", time.localtime(e["time"]))} '
+            f'{html.escape(self._event_text(e["kind"], e["data"]))}</li>'
+            for e in self.session.store.pool_events(pool.id, self.EVENTS)
         )
         listed = f'<ul class="lepton-pool-events" style="margin:2px 0;font-size:90%">{events}</ul>'
         return f'<div class="lepton-pool-line">{text}</div>' + (listed if events else "")
