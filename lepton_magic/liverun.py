@@ -16,6 +16,7 @@ from typing import Callable
 import msgpack
 
 from . import private, sharedmem, values
+from .agent.network import is_loopback
 from .backends import NodeLink
 from .errors import LeptonError, RemoteError
 from .store import TRACEBACK_STREAM, Store
@@ -38,9 +39,9 @@ def ranks_on(link: NodeLink, gpus: int | None) -> int:
     return max(gpus, 1)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -115,7 +116,7 @@ class LiveRun:
         for _node_rank, link, _first, local in plan:
             per_host[link.host] = per_host.get(link.host, 0) + local
         master_addr = self.pool.backend.master_addr(self.nodes[0])
-        master_port = free_port() if master_addr in ("127.0.0.1", "localhost") else 29500 + self.seq % 10000
+        master_port = free_port(master_addr) if is_loopback(master_addr) else 29500 + self.seq % 10000
         writes = []
         for _node_rank, link, first, local in plan:
             ranks = list(range(first, first + local))
