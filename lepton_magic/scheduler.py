@@ -61,6 +61,7 @@ class ScheduledRun:
         self.current: LiveRun | None = None
         self.done = threading.Event()
         self._cancel: tuple[str, bool] | None = None  # (reason, counts as a failure)
+        self._cancelled = threading.Event()  # wakes a retry waiting out its backoff
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
 
@@ -127,6 +128,7 @@ class ScheduledRun:
             if self.done.is_set() or self._cancel is not None:
                 return
             self._cancel = (reason, failure)
+            self._cancelled.set()
             current = self.current
         if current is not None and not current.done.is_set():
             current.cancel(reason=reason, failure=failure)
@@ -172,7 +174,7 @@ class ScheduledRun:
         threading.Thread(target=self._retry, name=f"lepton-retry-{self.name}", daemon=True).start()
 
     def _retry(self) -> None:
-        time.sleep(BACKOFF_SECONDS[min(self.attempt - 1, len(BACKOFF_SECONDS) - 1)])
+        self._cancelled.wait(BACKOFF_SECONDS[min(self.attempt - 1, len(BACKOFF_SECONDS) - 1)])
         spec = self.spec
         try:
             with self._lock:
@@ -194,8 +196,13 @@ class ScheduledRun:
             return
         try:
             self._start_attempt(links)
-        except BaseException as e:
-            self.current.abort(e)
+        except Exception as e:
+            if self.current.attempt == self.attempt:  # dispatch failed half-way: that attempt ends the run
+                self.current.abort(e)
+                return
+            self.pool.release_run(f"{self.run_id}.{self.attempt}")
+            error = LeptonError(f"{self.name} could not start attempt {self.attempt + 1}: {e}")
+            self._end_between_attempts("failed", str(error), error)
 
     def _end_between_attempts(self, status: str, reason: str, error: LeptonError | None) -> None:
         """The run ends while no attempt runs (cancelled during the backoff, no nodes)."""
