@@ -121,3 +121,27 @@ def test_cancel_during_a_retry_ends_the_run(session):
     run.cancel()
     assert run.wait_done(15)
     assert run.status == "cancelled" and len(run.attempts) == 1
+
+
+SNAPSHOT = """
+import os, time, torch
+dist = lepton.init_distributed()
+snapshot = "snapshot.pt"  # the pytorch/examples DDP pattern: Trainer loads it if present
+resumed_from = torch.load(snapshot)["step"] if os.path.exists(snapshot) else 0
+for step in range(resumed_from, 30):
+    dist.all_reduce(torch.ones(1))
+    lepton.log(step=step, loss=1.0 / (step + 1))
+    if lepton.rank == 0 and step % 5 == 4:
+        torch.save({"step": step + 1}, snapshot)
+    time.sleep(0.1)
+"""
+
+
+def test_a_snapshot_file_the_cell_saves_resumes_a_retry_on_another_node(session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # local ranks run in the notebook's folder, as the snapshot does
+    run = session.submit(SNAPSHOT, {}, nodes=2, retries=1)
+    _wait_for_steps(run, 12)
+    os.kill(_agent_pid(session, "local-1"), signal.SIGKILL)
+    run.wait(90)
+    assert run.outputs["resumed_from"] >= 10 and len(run.attempts) == 2
+    assert "local-1" not in run.attempts["nodes"].iat[1]
