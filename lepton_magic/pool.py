@@ -46,6 +46,7 @@ class Pool:
         # Names are never used twice in a pool: the store and the backends (EC2's cost) key by name.
         self._nodes_named = 0
         self._released: set[str] = set()  # nodes stopped on purpose, whose exit is no loss
+        self._preempting: set[str] = set()  # nodes with a spot notice: given to no new run
         self._log_dir = Path(store.home) / "logs"
         private.make_dir(self._log_dir)
         store.add_pool(self.id, backend, {k: v for k, v in settings.items() if k != "secret"})
@@ -170,8 +171,10 @@ class Pool:
         return taken
 
     def _free(self, links: list[NodeLink]) -> list[NodeLink]:
-        """Those of ``links`` that have come up and run nothing."""
-        return [n for n in links if n.name not in self.busy and n.name in self._idle_since]
+        """Those of ``links`` that have come up, run nothing and are not about to go (a spot
+        notice): a new run or a retry never starts on a node being reclaimed."""
+        return [n for n in links if n.name not in self.busy and n.name in self._idle_since
+                and n.name not in self._preempting]
 
     def _take(self, count: int, run_id: str) -> list[NodeLink]:
         taken = self._free(self.live_nodes)[:count]
@@ -215,6 +218,18 @@ class Pool:
             )
         elif kind == "node_update":
             self.store.upsert_node(self.id, link.name, torch=message.get("torch"))
+        elif kind == "preempting":  # a spot notice: the node goes in about two minutes
+            # The link's name, not the message's: the link is who signed the frame.
+            notice = {"node": link.name, "action": message.get("action"), "time": message.get("time")}
+            log.warning("node %s: spot interruption notice (%s at %s)", link.name, notice["action"],
+                        notice["time"])
+            self.store.upsert_node(self.id, link.name, status="preempting")
+            self.store.add_event("node_preempting", notice, pool=self.id)
+            with self._lock:
+                self._preempting.add(link.name)
+                runs = {run.seq for run in self.runs.values() if link in run.nodes}
+            for seq in runs:
+                self.store.add_event("node_preempting", notice, run=seq)
 
     def _on_lost(self, link: NodeLink, reason: str) -> None:
         if self.closed or link.name in self._released:

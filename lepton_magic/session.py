@@ -51,7 +51,7 @@ class Session:
             pool = self.pool(backend)
             if pool is None:
                 merged = {k: self.config[k] for k in self.config.values
-                          if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_"))}
+                          if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_", "spot_"))}
                 merged.update({k: v for k, v in settings.items() if v is not None})
                 pool = Pool(self.store, backend, merged)
                 self.pools[backend] = pool

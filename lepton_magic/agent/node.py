@@ -4,7 +4,9 @@ It speaks the protocol with the kernel over stdin/stdout and runs a single-threa
 loop. It keeps standby rank processes ready, hands each job to them, relays their signed frames
 to the kernel untouched, turns their stdout and stderr into log lines, samples telemetry, and
 kills their process groups on cancel. When the kernel goes away (its end of stdin closes, even
-after ``kill -9``) it kills everything and exits.
+after ``kill -9``) it kills everything and exits. Where asked (spot instances), one thread polls
+the instance metadata for an interruption notice and hands it to the loop through a pipe
+(agent/spot.py); the agent then warns the kernel and its ranks (``lepton.preempting``).
 
 Keys: the kernel's first bytes are this node's key. The agent forks its zygotes before it reads
 them and never forks after, so no rank holds the node key: a rank gets the key of its control
@@ -42,7 +44,7 @@ from ..protocol import (
     read_exact,
     run_key,
 )
-from . import facts, zygote
+from . import facts, spot, zygote
 from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
 from .forking import CTRL_FD
 
@@ -82,6 +84,7 @@ class RankProcess:
         self.kill_pending: int | None = None  # a signal to send as soon as the pid is known
         self.pidfd: int | None = None  # readable once the process has exited (Linux 5.3+)
         self.ended = False
+        self.preempt_pending = False  # a spot notice came before its pid (see on_hello)
 
     def key_for(self, channel: str) -> bytes | None:
         """The control socket's key for hello; its run's key, once it has one, for the rest."""
@@ -92,6 +95,22 @@ class RankProcess:
     def assign(self, run: str, rank: int, key: bytes) -> None:
         self.run, self.rank, self.run_key = run, rank, key
         self.splitter.source = f"rank {rank} of {run}"
+
+    def tell_preempting(self) -> None:
+        """SIGUSR1 to the rank alone, not its process group: a program the cell started (a shell,
+        a compiler) has no handler for it and would die of it. Through the pidfd where there is
+        one: the pid of a rank that just ended may already name another process."""
+        if self.pid is None:
+            self.preempt_pending = True
+            return
+        self.preempt_pending = False
+        try:
+            if self.pidfd is not None and hasattr(signal, "pidfd_send_signal"):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGUSR1)
+            else:
+                os.kill(self.pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError):
+            pass  # it has ended: nothing left to warn
 
     def signal(self, sig: int) -> None:
         if self.pid is None:
@@ -107,7 +126,8 @@ class RankProcess:
 
 class Agent:
     def __init__(self, node: str, key: bytes, kernel_in: int, kernel_out: int,
-                 zygotes: dict[bool, socket.socket], parent_pid: int | None = None):
+                 zygotes: dict[bool, socket.socket], parent_pid: int | None = None,
+                 spot_watcher: spot.SpotWatcher | None = None):
         self.node = node
         self.key = key
         self.kernel_in = kernel_in
@@ -126,6 +146,8 @@ class Agent:
         self.next_heartbeat = 0.0
         self.running = True
         self.parent_pid = parent_pid
+        self.spot_watcher = spot_watcher
+        self.preempting: dict | None = None  # the spot notice this node got, if any
 
     # --- life cycle ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -141,6 +163,10 @@ class Agent:
             self.sel.register(parent, selectors.EVENT_READ, ("parent", None))
         for preloaded, sock in self.zygotes.items():
             self.sel.register(sock, selectors.EVENT_READ, ("zygote", preloaded))
+        if self.spot_watcher is not None:
+            # The agent's only thread, started once the zygotes are forked: it never forks again.
+            self.sel.register(self.spot_watcher.fileno(), selectors.EVENT_READ, ("spot", None))
+            self.spot_watcher.start()
         try:
             while self.running:
                 self.step()
@@ -162,6 +188,8 @@ class Agent:
                     self.running = False  # the kernel process is gone
                 elif kind == "zygote":
                     self.on_zygote(rank)
+                elif kind == "spot":
+                    self.on_spot_notice()
                 elif kind == "pidfd":
                     self.end_rank(rank)
                 elif kind == "ctrl":
@@ -242,7 +270,8 @@ class Agent:
                 proc = None
                 try:
                     proc = self.take_standby(preloaded)
-                    proc.control.send(dict(job, t="job", local_rank=local_rank, key=key))
+                    proc.control.send(dict(job, t="job", local_rank=local_rank, key=key,
+                                           preempting=self.preempting is not None))
                 except OSError as e:
                     if proc is not None:
                         self.discard(proc)
@@ -272,6 +301,19 @@ class Agent:
                 r.signal(signal.SIGTERM)
                 r.killed = "SIGTERM"
                 r.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+
+    def on_spot_notice(self) -> None:
+        """The instance is to be reclaimed: tell the kernel, and every running rank (its
+        ``lepton.preempting`` turns True; ranks started later learn it from their job)."""
+        for notice in self.spot_watcher.take():
+            self.preempting = notice
+            print(f"lepton agent {self.node}: spot interruption notice: {notice['action']} "
+                  f"at {notice['time']}", file=sys.stderr, flush=True)
+            self.out.send({"t": "preempting", "node": self.node, "action": notice["action"],
+                           "time": notice["time"], "noticed": time.time()})
+            for r in self.ranks:
+                if r.run is not None and not r.ended:
+                    r.tell_preempting()
 
     # --- standbys --------------------------------------------------------------------------
     def idle(self, preloaded: bool | None = None) -> list[RankProcess]:
@@ -399,6 +441,8 @@ class Agent:
             self.announce(proc)
         if proc.kill_pending:
             proc.signal(proc.kill_pending)
+        elif proc.preempt_pending:
+            proc.tell_preempting()
 
     def drain_output(self, proc: RankProcess, final: bool = False) -> None:
         """Read what the rank's pipes hold now; with ``final``, an unfinished last line too."""
@@ -555,6 +599,17 @@ def _readable(sock: socket.socket, timeout: float = 0) -> bool:
     return bool(select.select([sock], [], [], timeout)[0])
 
 
+def _spot_watcher(args: argparse.Namespace) -> spot.SpotWatcher | None:
+    """A bad endpoint costs the node its spot notices, not its life."""
+    if not args.spot_metadata:
+        return None
+    try:
+        return spot.SpotWatcher(args.spot_metadata, args.spot_poll_seconds, f"lepton agent {args.node}")
+    except ValueError as e:
+        print(f"lepton agent {args.node}: {e}; not watching for spot notices", file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lepton_magic.agent")
     parser.add_argument("--node", default=socket.gethostname())
@@ -562,6 +617,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="exit when this process (the kernel) exits")
     parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch,numpy,pandas"),
                         help="comma-separated modules the zygote imports ahead of jobs ('' for none)")
+    parser.add_argument("--spot-metadata", default=None, metavar="URL",
+                        help="poll this instance metadata endpoint for spot interruption notices")
+    parser.add_argument("--spot-poll-seconds", type=float,
+                        default=float(os.environ.get("LEPTON_SPOT_POLL_SECONDS") or spot.POLL_SECONDS))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # standbys are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the kernel's cancel stops a run
@@ -576,5 +635,5 @@ def main(argv: list[str] | None = None) -> None:
     for sock in zygotes.values():
         sock.setblocking(False)
     key = read_exact(kernel_in, KEY_SIZE)
-    Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid).serve()
+    Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid, _spot_watcher(args)).serve()
     os._exit(0)

@@ -22,7 +22,14 @@ from .forking import CTRL_FD
 from .runtime import Lepton, environ_for
 
 
+#: A spot notice that reached this process before its ``lepton`` existed (see _on_preempting).
+_preempting_noticed = False
+
+
 def serve(preloaded: bool) -> int:
+    # Before the hello: the agent signals a rank only once it knows the pid, and SIGUSR1's
+    # default action would kill the rank.
+    _on_preempting(_note_preempting)
     try:
         control_key = read_exact(CTRL_FD, KEY_SIZE)  # the agent's first bytes on the socket
     except EOFError:
@@ -54,6 +61,9 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         attempt=job.get("attempt", 0),
     )
     signal.signal(signal.SIGTERM, lambda *_: _terminate(lepton))
+    _on_preempting(lambda: lepton._notice_preemption())
+    if job.get("preempting") or _preempting_noticed:  # the notice came before this run did
+        lepton._notice_preemption()
     # A process the cell forks (DataLoader workers, multiprocessing) must not speak for this rank.
     os.register_at_fork(after_in_child=lambda: _silence_child(lepton))
     _apply_thread_count()
@@ -200,6 +210,18 @@ def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, 
         }
     )
     return 1
+
+
+def _on_preempting(action) -> None:
+    """SIGUSR1 is the agent's spot notice. Restartable: a system call the cell is in (a read, a
+    collective's socket) goes on rather than fail with EINTR."""
+    signal.signal(signal.SIGUSR1, lambda *_: action())
+    signal.siginterrupt(signal.SIGUSR1, False)
+
+
+def _note_preempting() -> None:
+    global _preempting_noticed
+    _preempting_noticed = True
 
 
 def _terminate(lepton: Lepton) -> None:

@@ -50,6 +50,7 @@ class Lepton:
         self._flush_lock = threading.Lock()
         self._closed = threading.Event()
         self._flusher: threading.Thread | None = None  # started by the first log call
+        self._preempting = False
 
     def __repr__(self) -> str:
         return (
@@ -160,6 +161,18 @@ class Lepton:
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_initialized():
             dist.barrier()
+
+    # --- spot interruptions -----------------------------------------------------------------
+    @property
+    def preempting(self) -> bool:
+        """True once the node got a spot interruption notice (about two minutes before the
+        instance goes). A training loop checks it every step and, when it turns True, saves a
+        ``checkpoint()``: the retry (``--retries``) resumes from there on another node."""
+        return self._preempting
+
+    def _notice_preemption(self) -> None:
+        """Called from the SIGUSR1 handler: only set a flag, anything more could deadlock."""
+        self._preempting = True
 
     # --- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, state: Any) -> None:

@@ -17,6 +17,7 @@ import stat
 import time
 from pathlib import Path
 
+from ..agent import spot
 from ..errors import LeptonError
 from .base import NodeLink, OnLost, OnMessage
 from .ssh import Host, SSHBackend, Unreachable
@@ -88,6 +89,7 @@ class Ec2Backend(SSHBackend):
         self.instance_type = settings.get("ec2_instance_type") or "g5.xlarge"
         self.fallback_types = [t for t in str(settings.get("ec2_fallback_types") or "").split(",") if t.strip()]
         self.spot = bool(settings.get("ec2_spot"))
+        self.spot_metadata = spot.metadata_url(settings, on_spot=self.spot)  # read by SSHBackend._start
         self.idle_timeout = float(settings.get("idle_timeout") or 600)
         endpoint = settings.get("ec2_endpoint_url") or None
         self.ec2 = boto3.client("ec2", region_name=self.region, endpoint_url=endpoint)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from .. import private, sharedmem
+from ..agent import spot
 from .base import Backend, NodeLink, OnLost, OnMessage
 
 
@@ -34,10 +35,12 @@ class LocalBackend(Backend):
                     log_dir: str) -> list[NodeLink]:
         links = []
         env = dict(os.environ, LEPTON_PRELOAD=self.settings.get("preload", "torch"))
+        watch = spot.agent_arguments(spot.metadata_url(self.settings))  # tests: a fake metadata server
         for name in names:
             with private.open_file(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "lepton_magic.agent", "--node", name, "--parent-pid", str(os.getpid())],
+                    [sys.executable, "-m", "lepton_magic.agent", "--node", name,
+                     "--parent-pid", str(os.getpid()), *watch],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=agent_log,

@@ -17,12 +17,14 @@ import getpass
 import hashlib
 import io
 import os
+import shlex
 import socket
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..agent import spot
 from ..errors import LeptonError
 from .base import Backend, NodeLink, OnLost, OnMessage
 
@@ -107,6 +109,7 @@ class SSHBackend(Backend):
         self.known_hosts = settings.get("ssh_known_hosts") or str(Path.home() / ".ssh" / "known_hosts")
         self.policy = settings.get("ssh_host_keys") or "strict"
         self.python = settings.get("ssh_python") or "python3"
+        self.spot_metadata = spot.metadata_url(settings)
         self._nodes: dict[str, tuple] = {}  # name -> (connection, process, host, our sockets)
         self.uploaded_bytes = 0  # agent package bytes sent (0 when every host had it cached)
         self._loop = _Loop.get()
@@ -128,8 +131,10 @@ class SSHBackend(Backend):
         remote_zip = await self._ensure_package(conn)
         stdin_ours, stdin_theirs = socket.socketpair()
         stdout_ours, stdout_theirs = socket.socketpair()
+        # On the command line, not in the environment: sshd passes only what its AcceptEnv allows.
+        watch = "".join(f" {shlex.quote(a)}" for a in spot.agent_arguments(self.spot_metadata))
         command = (f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
-                   f"exec {self.python} -m lepton_magic.agent --node {name}")
+                   f"exec {self.python} -m lepton_magic.agent --node {name}{watch}")
         process = await conn.create_process(
             command, stdin=stdin_theirs, stdout=stdout_theirs,
             stderr=os.path.join(log_dir, f"agent-{name}.log"), encoding=None,
