@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node", default=socket.gethostname())
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the kernel) exits")
-    parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch,numpy,pandas"),
+    parser.add_argument("--preload", default=os.environ.get("LEPTON_PRELOAD", "torch,torch._dynamo,numpy,pandas"),
                         help="comma-separated modules the zygote imports ahead of jobs ('' for none)")
     parser.add_argument("--spot-metadata", default=None, metavar="URL",
                         help="poll this instance metadata endpoint for spot interruption notices")
