@@ -48,7 +48,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LiveRun:
     def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
                  inputs: bytes | None, outputs: list[str], explicit_outputs: bool,
-                 nodes: list[NodeLink], gpus: int | None, timeout: float | None, env: dict[str, str],
+                 nodes: list[NodeLink], gpus: int | None, env: dict[str, str],
                  on_done: list[Callable[["LiveRun"], None]], preload: bool = True, attempt: int = 0,
                  checkpoint: bytes | None = None, will_retry: Callable[["LiveRun"], bool] | None = None,
                  after_end: Callable[["LiveRun"], None] | None = None):
@@ -74,7 +74,6 @@ class LiveRun:
         self.explicit_outputs = explicit_outputs
         self.nodes = nodes
         self.gpus = gpus
-        self.timeout = timeout
         self.env = env
         self.on_done = on_done
         self.preload = preload
@@ -125,7 +124,8 @@ class LiveRun:
             writes.append(self.store.run_node_insert(self.seq, link.name, link.host, ranks,
                                                      min(local, link.gpu_count), link.gpu_name))
         self.started_at = time.time()
-        self.store.start_attempt(self.seq, self.attempt, [link.name for link in self.nodes], self.started_at)
+        writes.append(self.store.attempt_start(self.seq, self.attempt, [link.name for link in self.nodes],
+                                               self.started_at))
         self.pool.attach_run(self)
         # Dispatch first, record after: the nodes start while the store is written. Events that
         # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
@@ -157,9 +157,6 @@ class LiveRun:
                                                 world_size=self.world_size, price_per_hour=self._price()))
             self.store.write(writes)
         self.inputs = None  # sent: do not keep a copy of every input of every run
-        if self.timeout:
-            self._timer(self.timeout, lambda: self.cancel(
-                reason=f"timed out after {_seconds(self.timeout)}", failure=True))
 
     # --- events ----------------------------------------------------------------------------
     def on_message(self, link: NodeLink, message: dict) -> None:
@@ -352,10 +349,7 @@ class LiveRun:
             log.exception("recording the end of %s failed", self.name)
         finally:
             self.status = status
-            self.pool.release(self)
-            self.done.set()
-            if self._after_end is not None:
-                self._after_end(self)
+            self._ended()
 
     def _end_attempt(self, status: str) -> None:
         """This attempt failed and the run goes on in another one: record the attempt only."""
@@ -372,10 +366,14 @@ class LiveRun:
         except Exception:
             log.exception("recording the end of attempt %d of %s failed", self.attempt, self.name)
         finally:
-            self.pool.release(self)
-            self.done.set()
-            if self._after_end is not None:
-                self._after_end(self)
+            self._ended()
+
+    def _ended(self) -> None:
+        """The attempt's nodes go back to the pool; whoever waits (the run's scheduler) hears."""
+        self.pool.release(self)
+        self.done.set()
+        if self._after_end is not None:
+            self._after_end(self)
 
     def end_reason(self, status: str) -> str:
         """Why this attempt ended, in a few words (run.attempts shows it)."""
@@ -482,10 +480,3 @@ def _cost(price: float | None, started: float | None, ended: float | None) -> fl
         return None
     return round(price * (ended - started) / 3600, 6)
 
-
-def _seconds(value: float) -> str:
-    if value >= 3600 and value % 3600 == 0:
-        return f"{value / 3600:g} h"
-    if value >= 60 and value % 60 == 0:
-        return f"{value / 60:g} min"
-    return f"{value:g} s"

@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import compat
 from .errors import LeptonError
-from .liverun import LiveRun, _seconds
+from .liverun import LiveRun
 
 log = logging.getLogger("lepton_magic.scheduler")
 
@@ -144,7 +144,7 @@ class ScheduledRun:
         live = LiveRun(
             store=self.store, pool=self.pool, seq=self.seq, run_id=self.run_id, name=self.name, code=spec.code,
             line_offset=spec.line_offset, inputs=spec.inputs, outputs=spec.outputs,
-            explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, timeout=None, env=spec.env,
+            explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, env=spec.env,
             on_done=spec.on_done, preload=spec.preload, attempt=self.attempt,
             checkpoint=self.store.last_checkpoint(self.seq) if self.attempt else None,
             will_retry=self._will_retry, after_end=self._attempt_ended,
@@ -218,6 +218,14 @@ class ScheduledRun:
         if self._timer is not None:
             self._timer.cancel()
         self.done.set()
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600 and value % 3600 == 0:
+        return f"{value / 3600:g} h"
+    if value >= 60 and value % 60 == 0:
+        return f"{value / 60:g} min"
+    return f"{value:g} s"
 
 
 class _Cancelled(Exception):

@@ -57,8 +57,10 @@ class Session:
                 self.pools[backend] = pool
                 self._start_command_poller()
             else:
-                pool.settings.update({k: v for k, v in settings.items() if v is not None})
-                self.store.set_pool_settings(pool.id, {k: v for k, v in pool.settings.items() if k != "secret"})
+                given = {k: v for k, v in settings.items() if v is not None}
+                if given:  # (a run's own up() gives none: no store write on every cell)
+                    pool.settings.update(given)
+                    self.store.set_pool_settings(pool.id, {k: v for k, v in pool.settings.items() if k != "secret"})
         pool.ensure(nodes)
         return pool
 

@@ -176,9 +176,10 @@ class Store:
         self.write([("UPDATE pools SET price_per_hour=?, cost=? WHERE id=?", (price_per_hour, cost, pool_id))])
 
     # --- attempts and checkpoints ----------------------------------------------------------------
-    def start_attempt(self, seq: int, attempt: int, nodes: list[str], started: float) -> None:
-        self.write([("INSERT OR REPLACE INTO attempts (run, attempt, nodes, started) VALUES (?, ?, ?, ?)",
-                     (seq, attempt, json.dumps(nodes), started))])
+    @staticmethod
+    def attempt_start(seq: int, attempt: int, nodes: list[str], started: float) -> tuple[str, tuple]:
+        return ("INSERT OR REPLACE INTO attempts (run, attempt, nodes, started) VALUES (?, ?, ?, ?)",
+                (seq, attempt, json.dumps(nodes), started))
 
     @staticmethod
     def attempt_end(seq: int, attempt: int, ended: float, reason: str) -> tuple[str, tuple]:

@@ -276,11 +276,11 @@ def test_the_saved_record_holds_the_last_lines_and_says_how_many_more(recorded):
 def test_a_retried_run_is_one_curve_and_says_which_attempt(recorded, follow):
     store, seq = recorded
     store.write([("UPDATE runs SET retries=2 WHERE seq=?", (seq,))])
-    store.start_attempt(seq, 0, ["local-0", "local-1"], time.time() - 4)
+    store.write([store.attempt_start(seq, 0, ["local-0", "local-1"], time.time() - 4)])
     view = RunView(store, seq, follow=follow).refresh()
     store.add_metrics(seq, 0, list(range(20)), ["loss"] * 20, [1.0] * 20, [time.time()] * 20, attempt=0)
     store.write([store.attempt_end(seq, 0, time.time(), "local-1 lost: no heartbeat for 10 s")])
-    store.start_attempt(seq, 1, ["local-0", "local-2"], time.time())
+    store.write([store.attempt_start(seq, 1, ["local-0", "local-2"], time.time())])
     view.refresh()
     store.add_metrics(seq, 0, list(range(10, 30)), ["loss"] * 20, [0.5] * 20, [time.time()] * 20, attempt=1)
     view.refresh()
