@@ -7,6 +7,7 @@ pid means nothing: the owner renews a lease while it lives, and an expired lease
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -27,8 +28,14 @@ def host() -> str:
 
 def this_process() -> dict:
     """The owner columns of a row this process creates."""
-    return {"owner_pid": os.getpid(), "owner_host": host(), "owner_started": _started(os.getpid()),
+    return {"owner_pid": os.getpid(), "owner_host": host(), "owner_started": _started_here(os.getpid()),
             "lease": time.time() + LEASE_SECONDS}
+
+
+@functools.lru_cache(maxsize=4)
+def _started_here(pid: int) -> float | None:
+    """This process's start time: read from /proc once (keyed by pid: a forked child asks anew)."""
+    return _started(pid)
 
 
 def owner_gone(row: dict, now: float | None = None) -> bool:
