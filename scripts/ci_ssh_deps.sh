@@ -6,12 +6,4 @@ if command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; then
     echo "ci_ssh_deps: sshd already installed"
     exit 0
 fi
-if [ "$(id -u)" != 0 ]; then
-    echo "ci_ssh_deps: sshd is missing and this is not root: run as root" >&2
-    exit 1
-fi
-t=$(date +%s)
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server >/dev/null \
-    || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server >/dev/null; }
-echo "ci_ssh_deps: openssh-server installed in $(( $(date +%s) - t )) s"
+exec bash "$(dirname "$0")/apt_install.sh" ci_ssh_deps openssh-server

@@ -6,12 +6,4 @@ if command -v tmux >/dev/null 2>&1; then
     echo "ci_tmux_deps: tmux already installed ($(tmux -V))"
     exit 0
 fi
-if [ "$(id -u)" != 0 ]; then
-    echo "ci_tmux_deps: tmux is missing and this is not root: run as root" >&2
-    exit 1
-fi
-t=$(date +%s)
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux >/dev/null \
-    || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tmux >/dev/null; }
-echo "ci_tmux_deps: tmux installed in $(( $(date +%s) - t )) s"
+exec bash "$(dirname "$0")/apt_install.sh" ci_tmux_deps tmux
