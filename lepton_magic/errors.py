@@ -33,6 +33,14 @@ class RemoteError(LeptonError):
         return [header, ""] + self.remote_traceback.rstrip("\n").splitlines()
 
 
+def run_left(run: str) -> KeyboardInterrupt:
+    """What an interrupted cell that followed a run it does not own (detached, attached) raises:
+    one line saying the run goes on."""
+    error = KeyboardInterrupt(f"stopped following {run}; it goes on")
+    error._render_traceback_ = lambda: [f"KeyboardInterrupt: stopped following {run}; it goes on"]  # type: ignore[attr-defined]
+    return error
+
+
 def run_interrupted(run: str) -> KeyboardInterrupt:
     """What an interrupted ``%%lepton`` cell raises once its run is cancelled: a plain
     KeyboardInterrupt, as any interrupted cell ends with, shown as one line (IPython uses an

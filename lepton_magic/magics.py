@@ -63,6 +63,8 @@ def _env_pair(text: str) -> tuple[str, str]:
 @argument("--out", dest="outputs", type=_names("--out"), default=None,
           help="comma-separated variables to bring back (default: every name the cell assigns)")
 @argument("--async", dest="background", action="store_true", help="return at once; outputs bind when the run ends")
+@argument("--detach", action="store_true",
+          help="the run goes on when this kernel dies or restarts; %%lepton attach RUN follows it from any kernel")
 @argument("--timeout", type=_duration, default=None, help="cancel the run after this long: 90s, 30m, 2h")
 @argument("--env", type=_env_pair, action="append", default=[], help="KEY=VALUE set on every rank (repeatable)")
 @argument("--retries", type=_arg_type(parse_count, "--retries", 0), default=None,
@@ -119,7 +121,8 @@ def _logs_args(line):
 @magic_arguments()
 @argument("run", help="run name or id")
 def _attach_args(line):
-    """%lepton attach RUN: the run's panel, live while it runs (also after a kernel restart)."""
+    """%lepton attach RUN: follow the run (live while it runs, also after a kernel restart, from any
+    kernel); its outputs bind into this notebook when it ends."""
 
 
 @magic_arguments()
@@ -176,7 +179,7 @@ class LeptonMagics(Magics):
 
     async def _follow_awaiting(self, run: Run):
         await live.follow_awaiting(run)
-        self.session.bind_pending()
+        self.session.bind_pending(run.seq)
         if run.status == "failed" and run.error is not None:
             raise run.error
 
@@ -215,12 +218,17 @@ class LeptonMagics(Magics):
                 cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
                 name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,
                 env=dict(args.env), retries=args.retries, retry_on_error=args.retry_on_error,
+                detach=args.detach,
             )
         except (cellcode.CellSyntaxError, LeptonError) as e:
             raise UsageError(str(e)) from None
+        if args.detach:
+            print(f"{run.name} detached: it goes on if this kernel stops · %lepton attach {run.name} "
+                  f"follows it from any kernel, %lepton cancel {run.name} stops it")
         if args.background:
-            print(f"{run.name} started on {len(run.nodes)} node(s) in the background · "
-                  f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
+            if not args.detach:
+                print(f"{run.name} started on {len(run.nodes)} node(s) in the background · "
+                      f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
             live.follow_in_background(run, self.shell)
             return None
         return run
@@ -228,7 +236,7 @@ class LeptonMagics(Magics):
     def _follow(self, run: Run):
         """Show the run until it ends (panel or text); Ctrl-C cancels it."""
         live.follow_blocking(run, status_line=self.session.config["progress"])
-        self.session.bind_pending()
+        self.session.bind_pending(run.seq)
         if run.status == "failed" and run.error is not None:
             raise run.error
         return None
@@ -324,7 +332,12 @@ class LeptonMagics(Magics):
         args = _parse(_attach_args, rest)
         if args is None:
             return None
-        live.show(self.session.get_run(args.run), self.shell)
+        run = self.session.get_run(args.run)
+        if not run.is_live:  # a run of another process: its outputs bind here when it ends
+            self.session.bind_when_done(run, self.shell.user_ns)
+        live.show(run, self.shell)
+        if run.done:
+            self.session.bind_pending(run.seq)
 
     def _cmd_logs(self, rest: str):
         args = _parse(_logs_args, rest)

@@ -4,10 +4,12 @@ object works in the kernel that started the run and in any later process."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import LeptonError, RemoteError
+from . import owners
 from .owners import owner_gone
 from .store import TERMINAL, Store
 
@@ -226,20 +228,34 @@ class Run:
         if not self.wait_done(timeout):
             raise TimeoutError(f"{self.name} is still {self.status} after {timeout:g} s")
         if self._session is not None:
-            self._session.bind_pending()
+            self._session.bind_pending(self.seq)
         if self.status == "failed" and self.error is not None:
             raise self.error
         return self
 
-    def cancel(self) -> None:
-        """Stop every rank (within 5 s); the run ends as cancelled."""
+    def cancel(self, reason: str = "cancelled by the user") -> None:
+        """Stop every rank (within 5 s); the run ends as cancelled. A run of another process
+        on this machine (a detached run's keeper, another notebook) is asked through the
+        store's command table, which its owner reads within a second."""
         if self._live is not None:
-            self._live.cancel(reason="cancelled by the user")
+            self._live.cancel(reason=reason)
             return
-        if self.status in TERMINAL:
+        row = self._row()
+        if row["status"] in TERMINAL:
             return
-        raise LeptonError(f"{self.name} belongs to another process (pid {self._row()['owner_pid']}); "
-                          "cancel it from that notebook")
+        if owner_gone(row):
+            self._store.reconcile()
+            return
+        if row["owner_host"] != owners.host():
+            raise LeptonError(f"{self.name} belongs to a process on {row['owner_host']}; cancel it there")
+        self._store.add_command("cancel_run", self.id, row["owner_pid"], row["owner_host"],
+                                node=f"another process (pid {os.getpid()})")
+
+    @property
+    def detached(self) -> bool:
+        """Kept by a process of its own (``%%lepton --detach``): it outlives the kernel, and
+        stopping to follow it does not cancel it."""
+        return self._live is None and bool(self._row().get("detached"))
 
 
 def _duration(seconds: float | None) -> str:

@@ -30,6 +30,7 @@ class Session:
         self.last_seq: int | None = None
         self._last_live: ScheduledRun | None = None  # kept, so lm.last_run() stays cheap
         self._to_bind: list[tuple[dict, dict]] = []
+        self._binders: dict[int, threading.Thread] = {}  # runs followed through the store
         self._poller: threading.Thread | None = None
         self._closed = False
         self._lock = threading.RLock()
@@ -50,8 +51,7 @@ class Session:
         with self._lock:
             pool = self.pool(backend)
             if pool is None:
-                merged = {k: self.config[k] for k in self.config.values
-                          if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_", "spot_"))}
+                merged = self.pool_settings(backend)
                 merged.update({k: v for k, v in settings.items() if v is not None})
                 pool = Pool(self.store, backend, merged)
                 self.pools[backend] = pool
@@ -63,6 +63,15 @@ class Session:
                     self.store.set_pool_settings(pool.id, {k: v for k, v in pool.settings.items() if k != "secret"})
         pool.ensure(nodes)
         return pool
+
+    def pool_settings(self, backend: str) -> dict:
+        """What a new pool of ``backend`` starts with: its settings if this session has one up,
+        else the settings that shape a pool (the keeper of a detached run gets the same)."""
+        pool = self.pool(backend)
+        if pool is not None:
+            return {k: v for k, v in pool.settings.items() if k != "secret"}
+        return {k: self.config[k] for k in self.config.values
+                if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_", "spot_"))}
 
     def _check_node_count(self, nodes: int) -> None:
         most = self.config["max_nodes"]
@@ -151,7 +160,8 @@ class Session:
             live = self.live.get(target)
             if live is None:
                 return f"run {target} is not running here"
-            live.cancel(reason="cancelled from the sidebar")
+            # (a cancel's node column says where it came from: another process's Run.cancel)
+            live.cancel(reason=f"cancelled from {command.get('node') or 'the sidebar'}")
             return f"cancelling {live.name}"
         pool = next((p for p in self.pools.values() if p.id == target and not p.closed), None)
         if pool is None:
@@ -181,6 +191,7 @@ class Session:
         retry_on_error: bool = False,
         line_offset: int = cellcode.MAGIC_LINE_OFFSET,
         bind: bool = True,
+        detach: bool = False,
         on_done: Callable[[LiveRun], None] | None = None,
     ) -> Run:
         """Run ``code`` on ``nodes`` nodes; returns at once with the Run (see ``Run.wait``).
@@ -188,6 +199,8 @@ class Session:
         Inputs default to the free names of the code found in ``namespace``; outputs default to
         the names it assigns at top level, bound back into ``namespace`` when the run succeeds.
         A run that loses a node or a rank starts again up to ``retries`` times (see scheduler.py).
+        A ``detach``ed run is kept by a process of its own (keeper.py): it goes on when this
+        process ends, and any later one follows it through the store.
         Raises ``CellSyntaxError`` or ``LeptonError`` before any node is used.
         """
         namespace = {} if namespace is None else namespace
@@ -215,30 +228,38 @@ class Session:
         )
         explicit = outputs is not None
         output_names = outputs if explicit else cellcode.assigned_names(tree)
+        spec = RunSpec(code=code, line_offset=line_offset, inputs=shipped, outputs=output_names,
+                       explicit_outputs=explicit, nodes=nodes, gpus=gpus, env=env or {}, preload=not light,
+                       local=backend == "local", retries=retries, retry_on_error=retry_on_error,
+                       timeout=timeout)
+        run_id = f"r-{secrets.token_hex(4)}"
+        record = dict(backend=backend, nodes=nodes, gpus=gpus, code=code, inputs=input_names, timeout=timeout,
+                      env=env or {}, retries=retries)
+        if detach:
+            return self._submit_detached(run_id, name, spec, record, namespace if bind else None)
 
         pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
-        run_id = f"r-{secrets.token_hex(4)}"
-        seq, name = self.store.add_run(
-            run_id, name, pool=pool.id, backend=backend, nodes=nodes, gpus=gpus, code=code,
-            inputs=input_names, timeout=timeout, env=env or {}, retries=retries,
-        )
+        seq, name = self.store.add_run(run_id, name, pool=pool.id, **record)
         callbacks: list[Callable[[LiveRun], None]] = [self._forget]
         if bind:
             callbacks.append(lambda live: self._queue_binding(namespace, live))
         if on_done is not None:
             callbacks.append(on_done)
+        spec.on_done = callbacks
+        live = self._start(pool, seq, run_id, name, spec)
+        return Run(self.store, seq, live, self)
+
+    def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+        """Nodes for a recorded run, checked, and its first attempt dispatched."""
         try:
-            links = pool.acquire(nodes, run_id)
-            compat.check(links, needs_torch=not light, gpus=gpus, local=backend == "local")
+            links = pool.acquire(spec.nodes, run_id)
+            compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
         except LeptonError as e:
             if "links" in locals():
                 pool.release_run(run_id)
-            self.store.update_run(seq, status="failed", error={"type": "LeptonError", "message": str(e)})
+            self.store.update_run(seq, status="failed", ended=time.time(),
+                                  error={"type": "LeptonError", "message": str(e)})
             raise
-        spec = RunSpec(code=code, line_offset=line_offset, inputs=shipped, outputs=output_names,
-                       explicit_outputs=explicit, nodes=nodes, gpus=gpus, env=env or {}, preload=not light,
-                       local=backend == "local", retries=retries, retry_on_error=retry_on_error,
-                       timeout=timeout, on_done=callbacks)
         live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
         with self._lock:
             self.live[run_id] = live
@@ -249,7 +270,35 @@ class Session:
         except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
             live.abort(e)
             raise
-        return Run(self.store, seq, live, self)
+        return live
+
+    def _submit_detached(self, run_id: str, name: str | None, spec: RunSpec, record: dict,
+                         namespace: dict | None) -> Run:
+        from . import keeper
+
+        seq, name = self.store.add_run(run_id, name, detached=1, **record)
+        keeper.launch(self.store, seq=seq, run_id=run_id, name=name, backend=record["backend"], spec=spec,
+                      config=dict(self.config.values), settings=self.pool_settings(record["backend"]))
+        with self._lock:
+            self.last_seq = seq
+        run = Run(self.store, seq, None, self)
+        if namespace is not None:
+            self.bind_when_done(run, namespace)
+        return run
+
+    def start_prepared(self, seq: int, run_id: str, name: str, backend: str, spec: RunSpec,
+                       settings: dict) -> Run:
+        """The keeper's side of a detached run: a pool of this process's own, then the run as
+        ``submit`` would start it. A run that cannot start is recorded as failed."""
+        try:
+            pool = self.up(backend, 0, **settings)
+            self.store.update_run(seq, pool=pool.id)
+        except Exception as e:
+            self.store.update_run(seq, status="failed", ended=time.time(),
+                                  error={"type": "LeptonError", "message": str(e)})
+            raise
+        spec.on_done = [self._forget]
+        return Run(self.store, seq, self._start(pool, seq, run_id, name, spec), self)
 
     # --- binding outputs -------------------------------------------------------------------
     def _queue_binding(self, namespace: dict, live: LiveRun) -> None:
@@ -259,9 +308,34 @@ class Session:
             with self._lock:
                 self._to_bind.append((namespace, live.outputs))
 
-    def bind_pending(self) -> None:
+    def bind_when_done(self, run: Run, namespace: dict) -> threading.Thread:
+        """Bind the outputs of a run this process does not run (detached, or attached to) when
+        it ends, before the next cell or at ``run.wait()``."""
+
+        def wait() -> None:
+            run.wait_done()
+            if run.status == "succeeded":
+                outputs = run.outputs
+                if outputs:
+                    with self._lock:
+                        self._to_bind.append((namespace, outputs))
+
+        thread = threading.Thread(target=wait, daemon=True, name=f"lepton-bind-{run.name}")
+        with self._lock:
+            self._binders[run.seq] = thread
+        thread.start()
+        return thread
+
+    def bind_pending(self, seq: int | None = None) -> None:
+        """Bind what ended runs brought back; with ``seq``, first wait for that run's outputs
+        to be read (a run that just ended, followed through the store)."""
+        with self._lock:
+            binder = self._binders.pop(seq, None) if seq is not None else None
+        if binder is not None:
+            binder.join()
         with self._lock:
             pending, self._to_bind = self._to_bind, []
+            self._binders = {k: t for k, t in self._binders.items() if t.is_alive()}
         for namespace, outputs in pending:
             namespace.update(outputs)
 
@@ -298,13 +372,14 @@ class Session:
 
         df = self.store.frame(
             "SELECT id, name, status, backend, nodes, world_size, created, started, ended, reason, "
-            "owner_pid FROM runs ORDER BY seq DESC"
+            "detached, owner_pid FROM runs ORDER BY seq DESC"
         )
         for _i, row in df.iterrows():
             if row["status"] not in ("succeeded", "failed", "cancelled") and row["id"] not in self.live:
                 df.loc[_i, "status"] = Run(self.store, self.store.run_row(row["id"])["seq"]).status
         df["duration"] = df["ended"].fillna(pd.Timestamp.now().timestamp()) - df["started"]
         df["created"] = pd.to_datetime(df["created"], unit="s", utc=True)
+        df["detached"] = df["detached"].astype(bool)
         return df.drop(columns=["started", "ended"]).set_index("id")
 
     def nodes(self):

@@ -86,6 +86,7 @@ MIGRATIONS = [
     ("pools", "lease", "REAL"),
     ("metrics", "attempt", "INTEGER NOT NULL DEFAULT 0"),
     ("runs", "retries", "INTEGER"),
+    ("runs", "detached", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 #: What a run whose kernel is gone reads as, and why.
@@ -275,6 +276,11 @@ class Store:
                 name = f"run-{seq}"
                 db.execute("UPDATE runs SET name=? WHERE seq=?", (name, seq))
         return seq, name
+
+    def take_run(self, seq: int) -> None:
+        """This process owns the run from now on (the keeper of a detached run takes it from the
+        kernel that submitted it): the dead-owner checks look at this process."""
+        self.update_run(seq, **owners.this_process())
 
     def update_run(self, seq: int, **fields: Any) -> None:
         self.write([self.run_update(seq, **fields)])

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 
-from ..errors import run_interrupted
+from ..errors import run_interrupted, run_left
 from ..run import Run
 from .progress import TextProgress
 
@@ -58,21 +58,21 @@ def widgets_available(shell) -> bool:
     return type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def follow_blocking(run: Run, status_line: bool = True) -> None:
-    """Show the run until it ends (text progress). Ctrl-C cancels it first."""
+def follow_blocking(run: Run, status_line: bool = True, owned: bool = True) -> None:
+    """Show the run until it ends (text progress). Ctrl-C cancels a run this cell owns first;
+    a detached or attached run only stops being followed."""
     progress = TextProgress(run, status_line=status_line)
     try:
         while not run.wait_done(0.05):
             progress.tick()
     except KeyboardInterrupt:
-        run.cancel()
-        print(f"\ncancelling {run.name} …", flush=True)
-        run.wait_done(10)
+        error = _interrupted(run, owned)
         progress.finish()
-        raise run_interrupted(run.name) from None
+        raise error from None
     except BaseException:
-        run.cancel()
-        run.wait_done(10)
+        if _cancels(run, owned):
+            run.cancel()
+            run.wait_done(10)
         progress.finish()
         raise
     progress.finish()
@@ -80,7 +80,8 @@ def follow_blocking(run: Run, status_line: bool = True) -> None:
 
 async def follow_awaiting(run: Run) -> None:
     """The notebook's blocking follow: the panel, redrawn while the cell awaits the run. An
-    interrupt (the task is cancelled) cancels the run and ends the cell with one KeyboardInterrupt line."""
+    interrupt (the task is cancelled) cancels the run and ends the cell with one KeyboardInterrupt
+    line; a detached run goes on, and the cell says how to follow or cancel it."""
     from IPython.display import display
 
     panel = _panel(run)
@@ -90,8 +91,10 @@ async def follow_awaiting(run: Run) -> None:
             await asyncio.sleep(0.05)
             panel.update()
     except (asyncio.CancelledError, KeyboardInterrupt):  # the cell was interrupted
-        _stop(run, panel, handle, say=True)
-        raise run_interrupted(run.name) from None
+        error = _interrupted(run, owned=True)
+        _leave_record(panel, handle)
+        print(TextProgress(run).summary_text())
+        raise error from None
     except BaseException:
         _stop(run, panel, handle)
         raise
@@ -99,11 +102,27 @@ async def follow_awaiting(run: Run) -> None:
     print(TextProgress(run).summary_text())
 
 
-def _stop(run: Run, panel, handle, say: bool = False) -> None:
+def _cancels(run: Run, owned: bool) -> bool:
+    """Whether stopping to follow ``run`` cancels it: only for a run this cell runs itself."""
+    return owned and not run.detached
+
+
+def _interrupted(run: Run, owned: bool) -> KeyboardInterrupt:
+    """Ctrl-C while following: cancel a run the cell owns (and say so); leave any other going."""
+    if not _cancels(run, owned):
+        print(f"\nstopped following {run.name}; it goes on · %lepton attach {run.name} to follow it, "
+              f"%lepton cancel {run.name} to stop it", flush=True)
+        return run_left(run.name)
     run.cancel()
-    if say:
-        print(f"\ncancelling {run.name} …", flush=True)
+    print(f"\ncancelling {run.name} …", flush=True)
     run.wait_done(10)
+    return run_interrupted(run.name)
+
+
+def _stop(run: Run, panel, handle) -> None:
+    if _cancels(run, owned=True):
+        run.cancel()
+        run.wait_done(10)
     _leave_record(panel, handle)
     print(TextProgress(run).summary_text())
 
@@ -155,8 +174,11 @@ def follow_in_background(run: Run, shell) -> threading.Thread | None:
 
 
 def show(run: Run, shell) -> None:
-    """The panel of any run (finished ones frozen), or its text summary without a frontend."""
+    """The panel of any run (finished ones frozen), or its text without a frontend: followed
+    to its end while it runs (Ctrl-C stops following, never the run)."""
     if not widgets_available(shell):
+        if not run.done:
+            follow_blocking(run, owned=False)
         print(TextProgress(run).summary_text())
         return
     if run.status in ("succeeded", "failed", "cancelled"):

@@ -1,0 +1,149 @@
+"""Runs that outlive the notebook (``%%lepton --detach``): real kernels through jupyter_client,
+killed with SIGKILL mid-run; a later kernel attaches, follows the run to its end, has every
+metric once and gets the outputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from kernels import Kernel
+from lepton_magic.session import Session
+from lepton_magic.store import Store
+
+STEPS = 40
+
+CELL = f"""%%lepton --detach --async --nodes 2 --name {{name}}
+import time
+for step in range({STEPS}):
+    lepton.log(step=step, loss=1.0 / (step + 1), rank_seen=lepton.rank)
+    time.sleep(0.1)
+final = {{{{"steps": step + 1, "world": lepton.world_size}}}}
+"""
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def _metric_counts(store: Store, seq: int) -> dict:
+    rows = store.execute("SELECT rank, step, COUNT(*) FROM metrics WHERE run=? AND name='loss' "
+                         "GROUP BY rank, step", (seq,))
+    return {(rank, step): n for rank, step, n in rows}
+
+
+@pytest.fixture
+def home(tmp_path):
+    return str(tmp_path / "home")
+
+
+def test_a_detached_run_outlives_its_killed_kernel_and_a_new_kernel_attaches(home, tmp_path):
+    store = Store(home)
+    first = Kernel(home, str(tmp_path))
+    try:
+        assert first.run("%load_ext lepton_magic").status == "ok"
+        reply = first.run(CELL.format(name="lasting"), timeout=60)
+        assert reply.status == "ok", reply.error
+        assert "detached" in reply.stdout
+        row = _wait_for(lambda: store.run_row("lasting"), 10, "the run is recorded")
+        _wait_for(lambda: len(_metric_counts(store, row["seq"])) >= 4, 60, "the run logs its first points")
+        keeper = store.run_row("lasting")["owner_pid"]
+        kernel_pid = first.manager.provisioner.process.pid
+        assert keeper != kernel_pid and psutil.Process(keeper).is_running()
+        os.kill(kernel_pid, signal.SIGKILL)  # the laptop's kernel dies mid-run
+        _wait_for(lambda: not psutil.pid_exists(kernel_pid) or
+                  psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE, 10, "the kernel dies")
+    finally:
+        first.client.stop_channels()
+        first.manager.cleanup_resources()
+    time.sleep(1.0)
+    assert store.run_row("lasting")["status"] == "running", "the run died with its kernel"
+
+    second = Kernel(home, str(tmp_path))
+    try:
+        assert second.run("%load_ext lepton_magic").status == "ok"
+        reply = second.run("%lepton attach lasting", timeout=60)
+        assert reply.status == "ok", reply.error
+        reply = second.run("import lepton_magic as lm\nrun = lm.get_run('lasting').wait(60)\nprint(run.status)",
+                           timeout=90)
+        assert reply.status == "ok", reply.error
+        assert reply.stdout.strip() == "succeeded"
+        reply = second.run("print(final)")
+        assert reply.status == "ok", reply.error
+        assert reply.stdout.strip() == "{'steps': 40, 'world': 2}"
+    finally:
+        second.stop()
+
+    counts = _metric_counts(store, row["seq"])
+    assert counts == {(rank, step): 1 for rank in (0, 1) for step in range(STEPS)}
+    # The keeper released its nodes and went.
+    _wait_for(lambda: not psutil.pid_exists(keeper), 20, "the keeper exits after the run")
+    pool = store.run_row("lasting")["pool"]
+    assert store.query("SELECT status FROM pools WHERE id=?", (pool,))[0]["status"] != "up"
+    alive = [p for p in psutil.process_iter(["cmdline"]) if "lepton_magic.agent" in " ".join(p.info["cmdline"] or [])
+             and "--parent-pid" in (p.info["cmdline"] or []) and str(keeper) in p.info["cmdline"]]
+    assert not alive, f"agents of the keeper still running: {alive}"
+
+
+def test_interrupting_a_blocking_detached_cell_leaves_the_run_going(home, tmp_path):
+    store = Store(home)
+    k = Kernel(home, str(tmp_path))
+    try:
+        assert k.run("%load_ext lepton_magic").status == "ok"
+        started = []
+
+        def interrupt_when_running(output):
+            if not started and store.run_row("kept") and store.run_row("kept")["status"] == "running":
+                started.append(True)
+                k.interrupt()
+
+        code = "%%lepton --detach --name kept\nimport time\nfor i in range(600):\n    time.sleep(0.1)\n"
+        reply = k.run(code, timeout=60, on_output=interrupt_when_running)
+        if not started:  # the panel's outputs came before the run was running: interrupt now
+            _wait_for(lambda: store.run_row("kept")["status"] == "running", 30, "the run starts")
+        assert reply.status == "error" and reply.error["ename"] == "KeyboardInterrupt", reply.error
+        assert "stopped following kept" in "".join(reply.error["traceback"])
+        time.sleep(1.0)
+        assert store.run_row("kept")["status"] == "running"
+        reply = k.run("%lepton cancel kept")
+        assert reply.status == "ok", reply.error
+        _wait_for(lambda: store.run_row("kept")["status"] == "cancelled", 15, "the run is cancelled")
+        assert store.run_row("kept")["reason"].startswith("cancelled from another process")
+    finally:
+        k.stop()
+
+
+def test_a_detached_run_is_cancelled_from_another_process(home):
+    session = Session(store=Store(home))
+    try:
+        run = session.submit("import time\nfor i in range(600):\n    time.sleep(0.1)\n", {}, detach=True)
+        assert run.detached and not run.is_live
+        _wait_for(lambda: run.status == "running", 60, "the run starts")
+        other = Session(store=Store(home))  # another notebook on this machine
+        other.get_run(run.name).cancel()
+        _wait_for(lambda: run.status == "cancelled", 15, "the run is cancelled")
+        assert other.runs().loc[run.id, "detached"]
+    finally:
+        session.close()
+
+
+def test_a_detached_run_that_cannot_start_says_why(home):
+    session = Session(store=Store(home))
+    session.config.set("ssh_hosts", "nobody@127.0.0.1:1")
+    try:
+        run = session.submit("x = 1\n", {}, backend="ssh", detach=True)
+        _wait_for(lambda: run.done, 30, "the run ends")
+        assert run.status == "failed"
+        assert "cannot reach nobody@127.0.0.1:1" in str(run.error)
+    finally:
+        session.close()
