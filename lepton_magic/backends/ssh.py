@@ -13,6 +13,7 @@ the agent's dead-man switch here too: sshd passes the EOF on, and the agent kill
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import getpass
 import hashlib
 import io
@@ -29,6 +30,10 @@ from ..errors import LeptonError
 from .base import Backend, NodeLink, OnLost, OnMessage
 
 CONNECT_TIMEOUT = 20.0
+#: SSH keepalives: a peer that stopped answering (a vanished laptop, a dead instance) is noticed
+#: within KEEPALIVE_SECONDS * KEEPALIVE_COUNT_MAX, not after TCP's two hours.
+KEEPALIVE_SECONDS = 15.0
+KEEPALIVE_COUNT_MAX = 4
 REMOTE_CACHE = ".cache/lepton_magic"
 
 
@@ -93,7 +98,14 @@ class _Loop:
             return cls._instance
 
     def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            # A timeout or Ctrl-C here must not leave the coroutine going on (and opening a
+            # connection nobody will close) behind our back.
+            future.cancel()
+            raise
 
 
 class SSHBackend(Backend):
@@ -121,24 +133,43 @@ class SSHBackend(Backend):
         for name in names:
             index = int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else len(self._nodes)
             host = self.hosts[index % len(self.hosts)]
-            links.append(self._loop.run(self._start(name, host, secret, on_message, on_lost, log_dir),
-                                        CONNECT_TIMEOUT * 3))
+            try:
+                links.append(self._loop.run(self._start(name, host, secret, on_message, on_lost, log_dir),
+                                            CONNECT_TIMEOUT * 3))
+            except BaseException as e:
+                self.stop_started(links)
+                raise start_failed(name, len(links) + 1, len(names), host, e, len(links)) from None
         return links
+
+    def stop_started(self, links: list[NodeLink]) -> None:
+        """A start that failed half-way: the nodes it had started go too (their connections
+        closed), since the pool never learns of them."""
+        for link in links:
+            try:
+                self.stop_node(link, wait=2.0)
+            except Exception:  # keep stopping the others
+                pass
 
     async def _start(self, name: str, host: Host, secret: bytes, on_message: OnMessage, on_lost: OnLost,
                      log_dir: str) -> NodeLink:
         conn = await self._connect(host)
-        remote_zip = await self._ensure_package(conn)
         stdin_ours, stdin_theirs = socket.socketpair()
         stdout_ours, stdout_theirs = socket.socketpair()
-        # On the command line, not in the environment: sshd passes only what its AcceptEnv allows.
-        watch = "".join(f" {shlex.quote(a)}" for a in spot.agent_arguments(self.spot_metadata))
-        command = (f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
-                   f"exec {self.python} -m lepton_magic.agent --node {name}{watch}")
-        process = await conn.create_process(
-            command, stdin=stdin_theirs, stdout=stdout_theirs,
-            stderr=os.path.join(log_dir, f"agent-{name}.log"), encoding=None,
-        )
+        try:
+            remote_zip = await self._ensure_package(conn)
+            # On the command line, not in the environment: sshd passes only what its AcceptEnv allows.
+            watch = "".join(f" {shlex.quote(a)}" for a in spot.agent_arguments(self.spot_metadata))
+            command = (f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
+                       f"exec {self.python} -m lepton_magic.agent --node {name}{watch}")
+            process = await conn.create_process(
+                command, stdin=stdin_theirs, stdout=stdout_theirs,
+                stderr=os.path.join(log_dir, f"agent-{name}.log"), encoding=None,
+            )
+        except BaseException:  # (cancelled too) nobody else would close them
+            conn.close()
+            for s in (stdin_ours, stdin_theirs, stdout_ours, stdout_theirs):
+                s.close()
+            raise
         stdin_theirs.close()
         stdout_theirs.close()
         self._nodes[name] = (conn, process, host, stdin_ours, stdout_ours)
@@ -148,7 +179,8 @@ class SSHBackend(Backend):
         import asyncssh
 
         options = dict(host=host.host, port=host.port, username=host.user,
-                       client_keys=[self.key] if self.key else None, connect_timeout=CONNECT_TIMEOUT)
+                       client_keys=[self.key] if self.key else None, connect_timeout=CONNECT_TIMEOUT,
+                       keepalive_interval=KEEPALIVE_SECONDS, keepalive_count_max=KEEPALIVE_COUNT_MAX)
         try:
             return await asyncssh.connect(known_hosts=self.known_hosts if os.path.exists(self.known_hosts)
                                           else (), **options)
@@ -218,3 +250,16 @@ class SSHBackend(Backend):
             self._loop.run(finish(), wait + 5)
         finally:
             stdout_ours.close()
+
+
+def start_failed(name: str, position: int, asked: int, where: object, error: BaseException,
+                 stopped: int) -> BaseException:
+    """The one line a failed start raises: which node, where, why, and what was undone. Ctrl-C
+    stays a KeyboardInterrupt."""
+    if not isinstance(error, Exception):
+        return error
+    cause = str(error) or type(error).__name__
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)):
+        cause = "no answer within the start timeout"
+    undone = f"; stopped the {stopped} node(s) already started" if stopped else ""
+    return LeptonError(f"node {name} ({position} of {asked}, {where}) did not start: {cause}{undone}")
