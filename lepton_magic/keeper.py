@@ -120,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     config.values.update(data["config"])
     session = Session(config, store)
     spec = RunSpec(**data["spec"])
+    # Agents on other hosts outlive a dropped connection and are connected to again (backends.ssh).
+    settings = {**data["settings"], "resumable": data["backend"] != "local"}
     log.info("keeping %s (%s) on %s", data["name"], data["run_id"], data["backend"])
     try:
-        run = session.start_prepared(seq, data["run_id"], data["name"], data["backend"], spec, data["settings"])
+        run = session.start_prepared(seq, data["run_id"], data["name"], data["backend"], spec, settings)
     except BaseException as e:  # recorded on the run by start_prepared; say it here too
         log.error("%s could not start: %s", data["name"], e)
         session.close("the detached run could not start")

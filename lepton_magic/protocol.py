@@ -253,6 +253,13 @@ class FrameWriter:
             write_all(self.fd, *parts)
 
 
+def frame_stream(header: Buffer) -> tuple[str, int, int]:
+    """(channel, sender, sequence number) of a frame from its header (the sender's own frames:
+    a journal of what was sent uses it to tell what a receiver already has)."""
+    _magic, _version, _flags, channel, sender, seq, *_rest = _HEADER.unpack_from(header)
+    return _channel_name(channel) or "", sender, seq
+
+
 # --- receiving ---------------------------------------------------------------------------------
 class Frame:
     """One received frame: its header authenticated; its body once ``FrameSplitter`` yields it."""
@@ -344,6 +351,29 @@ class FrameSplitter:
         self._skipping = False
         self._last_seq: dict[tuple[str, int], int] = {}
         self._partial: dict[tuple[str, int], _Partial] = {}
+
+    # --- a stream that goes on over a new connection ---------------------------------------
+    def last_seqs(self) -> list[list]:
+        """[channel, sender, last number taken] of every stream: what a resumed sender need not
+        send again."""
+        return [[channel, sender, seq] for (channel, sender), seq in list(self._last_seq.items())]
+
+    def fork(self, source: str | None = None) -> "FrameSplitter":
+        """A splitter for the same peer over a new connection: same keys and numbering (a
+        replayed frame is still refused), nothing of this stream's unread bytes."""
+        other = FrameSplitter(self.key_for, source or self.source)
+        other._last_seq = dict(self._last_seq)
+        other._partial = dict(self._partial)
+        return other
+
+    def reset_stream(self) -> None:
+        """The connection broke: drop the bytes of a frame it cut in half; the peer sends the
+        frame again on the next connection (numbering and half-joined messages are kept)."""
+        self._buf = bytearray()
+        self._large = None
+        self._large_size = self._large_filled = 0
+        self._skipping = False
+        self._at_start = True
 
     # --- bytes in ------------------------------------------------------------------------------
     def want(self) -> memoryview | None:

@@ -45,6 +45,7 @@ from ..protocol import (
     run_key,
 )
 from . import facts, spot, zygote
+from .uplink import Journal, Resume, Uplink
 from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
 from .forking import CTRL_FD
 
@@ -127,12 +128,22 @@ class RankProcess:
 class Agent:
     def __init__(self, node: str, key: bytes, kernel_in: int, kernel_out: int,
                  zygotes: dict[bool, socket.socket], parent_pid: int | None = None,
-                 spot_watcher: spot.SpotWatcher | None = None):
+                 spot_watcher: spot.SpotWatcher | None = None, resume: "Resume | None" = None,
+                 kernel_timeout: float | None = None):
         self.node = node
         self.key = key
-        self.kernel_in = kernel_in
-        self.out = FrameWriter(kernel_out, key)
+        self.kernel_in: int | None = kernel_in
+        self.kernel_out: int | None = kernel_out
+        # Agents of detached runs keep a journal and wait for the kernel to come back (see uplink).
+        self.resume = resume
+        self.out = Uplink(kernel_out, key, Journal(resume.journal) if resume else None)
         self.inbox = FrameSplitter(key, "kernel")
+        #: The kernel sends a frame every few seconds; silent this long, it is taken for gone.
+        self.kernel_timeout = kernel_timeout
+        self.last_kernel = time.monotonic()
+        self.disconnected_at: float | None = None  # the kernel's connection dropped (resumable)
+        self.candidates: dict[int, tuple[socket.socket, FrameSplitter]] = {}  # connections not yet resumed
+        self.writing = False  # the kernel's fd is registered for writing too
         self.sel = selectors.DefaultSelector()
         self.ranks: list[RankProcess] = []
         self.want = {False: 1, True: 2}  # standbys to keep, light and preloaded
@@ -148,6 +159,7 @@ class Agent:
         self.parent_pid = parent_pid
         self.spot_watcher = spot_watcher
         self.preempting: dict | None = None  # the spot notice this node got, if any
+        self.last_run_end = 0.0
 
     # --- life cycle ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -155,6 +167,8 @@ class Agent:
         info.update({"t": "node", "protocol": VERSION, "agent_version": __version__})
         self.out.send(info)
         self.sel.register(self.kernel_in, selectors.EVENT_READ, ("kernel", None))
+        if self.resume is not None:
+            self.sel.register(self.resume.listener, selectors.EVENT_READ, ("listen", None))
         if self.parent_pid:
             # The kernel's death must stop us even when a process it forked still holds our stdin.
             parent = _pidfd(self.parent_pid)
@@ -179,11 +193,21 @@ class Agent:
         if self.partials:
             deadlines.append(self.next_partials)
         timeout = max(0.0, min(deadlines) - now)
-        for key, _mask in self.sel.select(timeout):
+        self.want_write(self.out.wants_write)
+        for key, mask in self.sel.select(timeout):
             kind, rank = key.data
             try:
                 if kind == "kernel":
-                    self.on_kernel()
+                    if mask & selectors.EVENT_WRITE:
+                        self.out.flush()
+                    if mask & selectors.EVENT_READ:
+                        self.on_kernel()
+                elif kind == "kernel_out":
+                    self.out.flush()
+                elif kind == "listen":
+                    self.on_connect()
+                elif kind == "candidate":
+                    self.on_candidate(rank)
                 elif kind == "parent":
                     self.running = False  # the kernel process is gone
                 elif kind == "zygote":
@@ -220,19 +244,130 @@ class Agent:
             self.next_heartbeat = now + HEARTBEAT_SECONDS
             pids = {r.rank: r.pid for r in self.ranks if r.run and r.pid}
             self.out.send({"t": "heartbeat", "node": self.node, **facts.telemetry(pids)})
+            self.check_kernel(now)
+        if not self.out.connected and self.kernel_in is not None:
+            self.kernel_gone("it stopped taking what the agent sends")
 
     def shutdown(self) -> None:
         for r in self.ranks:
             r.signal(signal.SIGKILL)
         for sock in self.zygotes.values():
             sock.close()
+        if self.resume is not None:
+            self.resume.close()
+            self.out.journal.close()
+
+    # --- the kernel's connection -------------------------------------------------------------
+    def check_kernel(self, now: float) -> None:
+        """A kernel that stopped sending (its host asleep, a half-open link) is gone; an agent
+        without runs that waited ``linger`` for a kernel to come back exits."""
+        if self.kernel_in is not None and self.kernel_timeout and now - self.last_kernel > self.kernel_timeout:
+            self.kernel_gone(f"nothing from the kernel for {now - self.last_kernel:.0f} s")
+        if self.disconnected_at is not None and not any(r.run for r in self.ranks if not r.ended):
+            idle_since = max(self.disconnected_at, self.last_run_end)
+            if now - idle_since > self.resume.linger:
+                print(f"lepton agent {self.node}: no kernel came back within {self.resume.linger:g} s "
+                      "and no run is left; exiting", file=sys.stderr, flush=True)
+                self.running = False
+
+    def kernel_gone(self, reason: str) -> None:
+        """The kernel's connection ended. A plain agent stops everything (the dead-man switch);
+        one of detached runs keeps its runs going and waits for the kernel to connect again."""
+        if self.resume is None:
+            print(f"lepton agent {self.node}: the kernel is gone ({reason}); exiting", file=sys.stderr, flush=True)
+            self.running = False
+            return
+        print(f"lepton agent {self.node}: the kernel's connection dropped ({reason}); runs go on, "
+              f"the journal keeps what they send", file=sys.stderr, flush=True)
+        self.drop_connection()
+        self.disconnected_at = time.monotonic()
+
+    def drop_connection(self) -> None:
+        self.want_write(False)
+        for fd in {self.kernel_in, self.out.disconnect(), self.kernel_out} - {None}:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.kernel_in = self.kernel_out = None
+
+    def want_write(self, wanted: bool) -> None:
+        """Wake for the kernel's connection taking more, only while frames wait for it."""
+        if wanted == self.writing or self.kernel_out is None:
+            return
+        self.writing = wanted
+        if self.kernel_out == self.kernel_in:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if wanted else 0)
+            self.sel.modify(self.kernel_out, events, ("kernel", None))
+        elif wanted:
+            self.sel.register(self.kernel_out, selectors.EVENT_WRITE, ("kernel_out", None))
+        else:
+            self.sel.unregister(self.kernel_out)
+
+    def on_connect(self) -> None:
+        """A new connection on the resume socket (a kernel coming back, through agent.bridge).
+        It becomes the kernel's only after its first frame, a resume signed with this node's
+        key, verifies."""
+        conn, _addr = self.resume.listener.accept()
+        conn.setblocking(False)
+        self.candidates[conn.fileno()] = (conn, self.inbox.fork("a resuming kernel"))
+        self.sel.register(conn, selectors.EVENT_READ, ("candidate", conn.fileno()))
+
+    def on_candidate(self, fd: int) -> None:
+        conn, splitter = self.candidates[fd]
+        try:
+            data = conn.recv(1 << 16)
+            if data:
+                splitter.feed(data)
+        except BlockingIOError:
+            return
+        except (OSError, ProtocolError):
+            data = b""
+        if not data:
+            self.sel.unregister(conn)
+            del self.candidates[fd]
+            conn.close()
+            return
+        for message in list(splitter.messages()):
+            if message.get("t") != "resume":
+                continue
+            self.sel.unregister(conn)
+            del self.candidates[fd]
+            self.adopt(conn, splitter, message)
+            return
+
+    def adopt(self, conn: socket.socket, splitter: FrameSplitter, message: dict) -> None:
+        """The kernel is back: the new connection replaces the old, and gets what it missed."""
+        if self.kernel_in is not None:
+            self.drop_connection()  # half-open, or replaced: the kernel says it is gone
+        fd = conn.detach()
+        self.kernel_in = self.kernel_out = fd
+        self.inbox = splitter
+        self.last_kernel = time.monotonic()
+        self.disconnected_at = None
+        self.sel.register(fd, selectors.EVENT_READ, ("kernel", None))
+        missed = self.out.resume(fd, _streams(message.get("have")))
+        print(f"lepton agent {self.node}: the kernel is back; {missed} frame(s) sent again from the journal",
+              file=sys.stderr, flush=True)
 
     # --- the kernel ------------------------------------------------------------------------
     def on_kernel(self) -> None:
-        data = os.read(self.kernel_in, 1 << 20)
-        if not data:
-            self.running = False  # the kernel is gone: the dead-man switch
+        try:
+            data = os.read(self.kernel_in, 1 << 20)
+        except BlockingIOError:
             return
+        except OSError as e:
+            data, reason = b"", f"reading failed ({e})"
+        else:
+            reason = "its connection closed"
+        if not data:
+            self.kernel_gone(reason)  # the dead-man switch, unless runs are detached
+            return
+        self.last_kernel = time.monotonic()
         try:
             self.inbox.feed(data)
         except ProtocolError as e:  # not a stream of our frames: nothing in it can be read
@@ -256,6 +391,8 @@ class Agent:
             self.running = False
         elif kind == "ping":
             self.out.send({"t": "pong", "time": time.time(), "sent": message.get("time")})
+        elif kind == "ack":  # what the kernel has taken: the journal forgets it
+            self.out.acknowledge(_streams(message.get("have")))
 
     def start_run(self, job: dict) -> None:
         local = job["local_world_size"]
@@ -566,6 +703,7 @@ class Agent:
         for proc in [r for r in self.ranks if r.open == 0 and r.pidfd is None]:
             self.ranks.remove(proc)
             if proc.run:
+                self.last_run_end = time.monotonic()
                 self.flush_logs()
                 self.out.send({"t": "exit", "run": proc.run, "rank": proc.rank, "pid": proc.pid,
                                "killed": proc.killed, "time": time.time()})
@@ -574,6 +712,11 @@ class Agent:
 
 
 _STREAMS = {1: "stdout", 2: "stderr"}
+
+
+def _streams(have) -> dict[tuple[str, int], int]:
+    """[[channel, sender, last number], ...] from the kernel as a lookup."""
+    return {(str(channel), int(sender)): int(seq) for channel, sender, seq in have or []}
 
 
 def _shown(line: bytes) -> str:
@@ -610,6 +753,16 @@ def _spot_watcher(args: argparse.Namespace) -> spot.SpotWatcher | None:
         return None
 
 
+def _log_beside(path: str) -> None:
+    """An agent that outlives its connection writes its log on the node: stderr over SSH breaks
+    with the connection, and a write to it would then fail."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    print(f"lepton agent: logging to {path} on this node", file=sys.stderr, flush=True)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lepton_magic.agent")
     parser.add_argument("--node", default=socket.gethostname())
@@ -621,7 +774,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="poll this instance metadata endpoint for spot interruption notices")
     parser.add_argument("--spot-poll-seconds", type=float,
                         default=float(os.environ.get("LEPTON_SPOT_POLL_SECONDS") or spot.POLL_SECONDS))
+    parser.add_argument("--resume-socket", default=None, metavar="PATH",
+                        help="detached runs: outlive the kernel's connection, journal what is sent, and take "
+                             "a returning kernel on this Unix socket")
+    parser.add_argument("--linger", type=float, default=600.0,
+                        help="with --resume-socket: seconds to wait for a kernel once no run is left")
+    parser.add_argument("--kernel-timeout", type=float, default=None,
+                        help="the kernel is gone when it has sent nothing for this many seconds")
     args = parser.parse_args(argv)
+    if args.resume_socket:
+        try:
+            os.setsid()  # the SSH session's end must not take the agent with it
+        except OSError:
+            pass  # a group leader already
+        _log_beside(os.path.expanduser(args.resume_socket) + ".log")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # standbys are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the kernel's cancel stops a run
     kernel_in = 0
@@ -635,5 +801,7 @@ def main(argv: list[str] | None = None) -> None:
     for sock in zygotes.values():
         sock.setblocking(False)
     key = read_exact(kernel_in, KEY_SIZE)
-    Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid, _spot_watcher(args)).serve()
+    resume = Resume(os.path.expanduser(args.resume_socket), args.linger) if args.resume_socket else None
+    Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid, _spot_watcher(args), resume,
+          args.kernel_timeout).serve()
     os._exit(0)

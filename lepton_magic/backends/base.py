@@ -31,7 +31,7 @@ class NodeLink:
     """
 
     def __init__(self, name: str, write_fd: int, read_fd: int, secret: bytes,
-                 on_message: OnMessage, on_lost: OnLost):
+                 on_message: OnMessage, on_lost: OnLost, resumer: "Resumer | None" = None):
         self.name = name
         self.facts: dict = {}
         self.ready = threading.Event()
@@ -46,6 +46,12 @@ class NodeLink:
         self._reader = FrameReader(read_fd, self._key_for, source=f"node {name}")
         self._on_message = on_message
         self._on_lost = on_lost
+        #: Links to agents of detached runs come back after their connection drops (see Resumer).
+        self._resumer = resumer
+        self.reconnecting = False
+        self.stopped = False  # stopped on purpose: no coming back
+        self._outbox: list[dict] = []  # what was sent while the connection was down
+        self._outbox_lock = threading.Lock()
         write_all(write_fd, self._key)  # the agent's first read: its key
         self._thread = threading.Thread(target=self._read, name=f"lepton-{name}", daemon=True)
         self._thread.start()
@@ -69,9 +75,18 @@ class NodeLink:
         return gpus[0]["name"] if gpus else None
 
     def send(self, message: dict) -> None:
+        with self._outbox_lock:
+            if self.reconnecting:
+                self._outbox.append(message)  # the agent gets it once the link is back
+                return
         try:
             self._writer.send(message)
         except OSError as e:
+            if self._resumer is not None and self.alive and not self.stopped:
+                with self._outbox_lock:
+                    self._outbox.append(message)
+                self._resumer.disconnect(self)  # the reader sees the end and connects again
+                return
             self._lost(f"cannot write to the agent ({e})")
         except BaseException:
             # Interrupted half-way through a frame: the agent would read garbage from here on.
@@ -83,6 +98,18 @@ class NodeLink:
         return self._key if channel == "" else run_key(self._key, channel)
 
     def _read(self) -> None:
+        while True:
+            reason = self._read_stream()
+            if self._resumer is None or not self.alive:
+                break
+            gone = self._resume(reason)
+            if gone is not None:
+                reason = gone
+                break
+        self._lost(reason)
+
+    def _read_stream(self) -> str:
+        """Take the agent's messages until its stream ends; returns why it ended."""
         reason = "the agent exited"
         try:
             for frame, message in self._reader.envelopes():
@@ -106,7 +133,76 @@ class NodeLink:
         except Exception as e:  # never die silently: the runs on this node must learn of it
             log.exception("reading from %s failed", self.name)
             reason = f"reading from the agent failed ({type(e).__name__}: {e})"
-        self._lost(reason)
+        return reason
+
+    def beat(self) -> None:
+        """Say the kernel is still there (agents on other hosts stop when it goes silent). A
+        resumable link says what arrived, so the agent's journal can forget it."""
+        if self._resumer is not None:
+            self.send({"t": "ack", "have": self._reader.splitter.last_seqs()})
+        else:
+            self.send({"t": "beat"})
+
+    # --- links that come back ----------------------------------------------------------------
+    def _resume(self, reason: str) -> str | None:
+        """The connection to an agent of detached runs ended: connect again (the agent kept its
+        runs going and journalled what they sent) until the resumer's deadline. None: the
+        stream goes on, with what was missed sent again, once; else why the node is lost."""
+        if self.stopped:
+            return reason
+        with self._outbox_lock:
+            self.reconnecting = True
+        log.warning("node %s: connection lost (%s); connecting again", self.name, reason)
+        self._notify({"t": "link", "state": "reconnecting", "reason": reason})
+        deadline = time.monotonic() + self._resumer.timeout
+        delay = 0.2
+        while self.alive and not self.stopped and time.monotonic() < deadline:
+            try:
+                write_fd, read_fd = self._resumer.reconnect(self)
+            except LinkGone as e:
+                with self._outbox_lock:
+                    self.reconnecting = False
+                return f"{reason}; then {e}"
+            except Exception as e:
+                log.info("node %s: not back yet (%s)", self.name, e)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 5.0)
+                continue
+            self._reader.fd = read_fd
+            self._reader.splitter.reset_stream()
+            with self._writer._lock:
+                self._writer.fd = write_fd
+            try:
+                with self._outbox_lock:
+                    self._writer.send({"t": "resume", "have": self._reader.splitter.last_seqs()})
+                    for message in self._outbox:
+                        self._writer.send(message)
+                    self._outbox = []
+                    self.reconnecting = False
+            except OSError as e:
+                log.info("node %s: the new connection broke at once (%s)", self.name, e)
+                continue
+            self.last_heard = time.monotonic()
+            self._notify({"t": "link", "state": "resumed", "reason": reason})
+            return None
+        with self._outbox_lock:
+            self.reconnecting = False
+        return f"{reason}; not back within {self._resumer.timeout:g} s"
+
+    def drop(self, reason: str) -> None:
+        """The agent went silent. A resumable link connects again (the reader sees the stream
+        end); any other is lost."""
+        if self._resumer is not None and not self.reconnecting:
+            log.warning("node %s: %s; dropping the connection to connect again", self.name, reason)
+            self._resumer.disconnect(self)
+        elif self._resumer is None:
+            self.lose(reason)
+
+    def _notify(self, message: dict) -> None:
+        try:
+            self._on_message(self, message)
+        except Exception:
+            log.exception("handling a link event of %s failed", self.name)
 
     def _rank_may_say(self, frame: Frame, message: dict) -> bool:
         """A rank's frame verified with its run's key: it speaks for that run and rank only."""
@@ -130,6 +226,26 @@ class NodeLink:
             self._on_lost(self, reason)
 
 
+class LinkGone(Exception):
+    """The agent a link would come back to is not there any more (it exited, or was stopped)."""
+
+
+class Resumer(ABC):
+    """What a backend gives the links of agents that outlive their connection (agents of
+    detached runs on remote hosts): a way to connect to the same agent again."""
+
+    #: Seconds a link tries to come back before its node is lost.
+    timeout: float = 300.0
+
+    @abstractmethod
+    def reconnect(self, link: NodeLink) -> tuple[int, int]:
+        """A new connection to the agent of ``link``: (fd to write, fd to read)."""
+
+    @abstractmethod
+    def disconnect(self, link: NodeLink) -> None:
+        """Close the link's current connection (its reader then sees the end and reconnects)."""
+
+
 class Backend(ABC):
     name: str
 
@@ -144,6 +260,11 @@ class Backend(ABC):
     @abstractmethod
     def master_addr(self, link: NodeLink) -> str:
         """The address other nodes use to reach rank 0 on ``link``."""
+
+    def master_port(self, link: NodeLink) -> int | None:
+        """A port free for rank 0's rendezvous on ``link``, where the backend can find one on
+        the node itself; None (the default): the kernel picks (see liverun)."""
+        return None
 
     def rank_cwd(self) -> str | None:
         """The folder ranks run in, decided when a run is submitted. None (the default): the

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..agent import spot
 from ..errors import LeptonError
-from .base import Backend, NodeLink, OnLost, OnMessage
+from .base import Backend, LinkGone, NodeLink, OnLost, OnMessage, Resumer
 
 CONNECT_TIMEOUT = 20.0
 #: SSH keepalives: a peer that stopped answering (a vanished laptop, a dead instance) is noticed
@@ -35,6 +35,11 @@ CONNECT_TIMEOUT = 20.0
 KEEPALIVE_SECONDS = 15.0
 KEEPALIVE_COUNT_MAX = 4
 REMOTE_CACHE = ".cache/lepton_magic"
+#: An agent that has heard nothing from its kernel this long (the pool beats every 2 s) takes it
+#: for gone: it stops its ranks and exits, or, for detached runs, waits for it to come back.
+KERNEL_TIMEOUT = 60.0
+#: An agent of detached runs with no run left waits this long for a kernel to come back.
+LINGER_SECONDS = 600.0
 
 
 class Unreachable(LeptonError):
@@ -108,7 +113,11 @@ class _Loop:
             raise
 
 
-class SSHBackend(Backend):
+class SSHBackend(Backend, Resumer):
+    """Pools of detached runs (``resumable``) start agents that outlive their SSH connection:
+    a link that drops connects again through ``lepton_magic.agent.bridge`` to the agent's
+    resume socket and gets what it missed from the agent's journal (see agent/uplink.py)."""
+
     name = "ssh"
 
     def __init__(self, settings: dict):
@@ -123,6 +132,10 @@ class SSHBackend(Backend):
         self.python = settings.get("ssh_python") or "python3"
         self.spot_metadata = spot.metadata_url(settings)
         self._nodes: dict[str, tuple] = {}  # name -> (connection, process, host, our sockets)
+        self.resumable = bool(settings.get("resumable"))
+        self.timeout = float(settings.get("resume_timeout") or Resumer.timeout)
+        self._pool = settings.get("pool_id") or "pool"
+        self._retired: dict[str, tuple] = {}  # our ends of a replaced connection, closed at the next
         self.uploaded_bytes = 0  # agent package bytes sent (0 when every host had it cached)
         self._loop = _Loop.get()
 
@@ -159,8 +172,11 @@ class SSHBackend(Backend):
             remote_zip = await self._ensure_package(conn)
             # On the command line, not in the environment: sshd passes only what its AcceptEnv allows.
             watch = "".join(f" {shlex.quote(a)}" for a in spot.agent_arguments(self.spot_metadata))
+            resume = (f' --resume-socket "{self._socket(name)}" --linger {LINGER_SECONDS:g}'
+                      if self.resumable else "")
             command = (f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
-                       f"exec {self.python} -m lepton_magic.agent --node {name}{watch}")
+                       f"exec {self.python} -m lepton_magic.agent --node {name}{watch}"
+                       f" --kernel-timeout {KERNEL_TIMEOUT:g}{resume}")
             process = await conn.create_process(
                 command, stdin=stdin_theirs, stdout=stdout_theirs,
                 stderr=os.path.join(log_dir, f"agent-{name}.log"), encoding=None,
@@ -172,8 +188,56 @@ class SSHBackend(Backend):
             raise
         stdin_theirs.close()
         stdout_theirs.close()
-        self._nodes[name] = (conn, process, host, stdin_ours, stdout_ours)
-        return NodeLink(name, stdin_ours.fileno(), stdout_ours.fileno(), secret, on_message, on_lost)
+        self._nodes[name] = (conn, process, host, stdin_ours, stdout_ours, remote_zip)
+        return NodeLink(name, stdin_ours.fileno(), stdout_ours.fileno(), secret, on_message, on_lost,
+                        resumer=self if self.resumable else None)
+
+    def _socket(self, name: str) -> str:
+        return f"$HOME/{REMOTE_CACHE}/agents/{self._pool}-{name}.sock"
+
+    # --- coming back to an agent of detached runs ----------------------------------------------
+    def reconnect(self, link: NodeLink) -> tuple[int, int]:
+        return self._loop.run(self._reconnect(link), CONNECT_TIMEOUT * 2)
+
+    async def _reconnect(self, link: NodeLink) -> tuple[int, int]:
+        entry = self._nodes.get(link.name)
+        if entry is None:
+            raise LinkGone(f"{link.name} was stopped")
+        old_conn, _process, host, old_in, old_out, remote_zip = entry
+        conn = await self._connect(host)
+        stdin_ours, stdin_theirs = socket.socketpair()
+        stdout_ours, stdout_theirs = socket.socketpair()
+        try:
+            process = await conn.create_process(
+                f'PYTHONPATH="{remote_zip}"${{PYTHONPATH:+:$PYTHONPATH}} '
+                f'exec {self.python} -m lepton_magic.agent.bridge "{self._socket(link.name)}"',
+                stdin=stdin_theirs, stdout=stdout_theirs, encoding=None,
+            )
+            said = await asyncio.wait_for(process.stderr.readline(), CONNECT_TIMEOUT)
+        except BaseException:
+            conn.close()
+            for s in (stdin_ours, stdin_theirs, stdout_ours, stdout_theirs):
+                s.close()
+            raise
+        finally:
+            stdin_theirs.close()
+            stdout_theirs.close()
+        if not said.startswith(b"lepton bridge: connected"):
+            conn.close()
+            stdin_ours.close()
+            stdout_ours.close()
+            raise LinkGone(said.decode(errors="replace").strip() or "the agent's resume socket did not answer")
+        old_conn.close()
+        for sock in self._retired.pop(link.name, ()):  # the link took the previous ones long ago
+            sock.close()
+        self._retired[link.name] = (old_in, old_out)  # the link still holds these until it swaps
+        self._nodes[link.name] = (conn, process, host, stdin_ours, stdout_ours, remote_zip)
+        return stdin_ours.fileno(), stdout_ours.fileno()
+
+    def disconnect(self, link: NodeLink) -> None:
+        entry = self._nodes.get(link.name)
+        if entry is not None:
+            self._loop.loop.call_soon_threadsafe(entry[0].close)
 
     async def _connect(self, host: Host):
         import asyncssh
@@ -232,10 +296,11 @@ class SSHBackend(Backend):
         return self._nodes[link.name][2].host
 
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
+        link.stopped = True  # no coming back from here
         entry = self._nodes.pop(link.name, None)
         if entry is None:
             return
-        conn, process, _host, stdin_ours, stdout_ours = entry
+        conn, process, _host, stdin_ours, stdout_ours, _zip = entry
         link.send({"t": "shutdown"})
         stdin_ours.close()  # EOF: the agent kills its ranks and exits
 
@@ -250,6 +315,8 @@ class SSHBackend(Backend):
             self._loop.run(finish(), wait + 5)
         finally:
             stdout_ours.close()
+            for sock in self._retired.pop(link.name, ()):
+                sock.close()
 
 
 def start_failed(name: str, position: int, asked: int, where: object, error: BaseException,
