@@ -1,75 +1,42 @@
-"""AWS EC2 GPU instances as nodes: validate the type, show the plan, launch (tagged, with an
-idle watchdog on the instance), reach them over SSH like any SSH host, terminate them.
+"""AWS EC2 GPU instances as nodes: validate the type, show the plan, launch (aws/launch.py),
+reach them over SSH like any SSH host, keep their heartbeat tag fresh while the pool lives
+(aws/gc.py spares them), terminate them.
 
-Launches fall back across availability zones, then across the user's fallback instance types,
-when AWS has no capacity, and say so. Every instance terminates itself when idle (the watchdog
-powers it off; InstanceInitiatedShutdownBehavior=terminate), so a dead laptop cannot leave a
-GPU running for days.
+A start either gives every node it was asked for or leaves nothing: when any instance of the
+request fails to run or to answer SSH, every instance of the request is terminated (and waited
+for) and every connection closed, and the error names the node and the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
-import getpass
-import os
-import socket
-import stat
+import threading
 import time
 from pathlib import Path
 
 from ..agent import spot
+from ..aws import gc, identity, launch
+from ..aws.launch import watchdog_script  # noqa: F401  (tutorial 04 prints it from here)
+from ..aws.pricing import US_EAST_1, Prices
 from ..errors import LeptonError
 from .base import NodeLink, OnLost, OnMessage
-from .ssh import Host, SSHBackend, Unreachable
+from .ssh import Host, SSHBackend, Unreachable, start_failed
 
-#: On-demand Linux prices, us-east-1, $/h (spot prices come from describe_spot_price_history).
-PRICES = {
-    "g4dn.xlarge": 0.526, "g4dn.2xlarge": 0.752, "g4dn.4xlarge": 1.204, "g4dn.12xlarge": 3.912,
-    "g5.xlarge": 1.006, "g5.2xlarge": 1.212, "g5.4xlarge": 1.624, "g5.12xlarge": 5.672,
-    "g5.48xlarge": 16.288, "g6.xlarge": 0.805, "g6.2xlarge": 0.978, "g6.12xlarge": 4.602,
-    "g6e.xlarge": 1.861, "g6e.12xlarge": 10.493, "p3.2xlarge": 3.06, "p4d.24xlarge": 32.773,
-    "p5.48xlarge": 98.32,
-}
-DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
-TAG_POOL = "lepton:pool"
-TAG_OWNER = "lepton:owner"
-WAIT_RUNNING_SECONDS = 600
 SSH_READY_SECONDS = 300
-
-WATCHDOG = r"""#!/bin/bash
-# lepton_magic idle watchdog: power off once no lepton agent has run for IDLE seconds, even if
-# the notebook and the laptop are gone (the instance terminates on shutdown).
-IDLE="${IDLE:-__IDLE__}"; CHECK="${CHECK:-30}"; SHUTDOWN_CMD="${SHUTDOWN_CMD:-shutdown -h now}"
-PATTERN="${PATTERN:-lepton_magic[.]agent}"
-last=$(date +%s.%N)
-while true; do
-    now=$(date +%s.%N)
-    if pgrep -f "$PATTERN" >/dev/null 2>&1; then
-        last=$now
-    elif awk -v n="$now" -v l="$last" -v i="$IDLE" 'BEGIN { exit !(n - l >= i) }'; then
-        logger -t lepton-watchdog "idle for ${IDLE}s: powering off" 2>/dev/null || true
-        $SHUTDOWN_CMD
-        exit 0
-    fi
-    sleep "$CHECK"
-done
-"""
+#: The settings a pool's instances are made with: another value needs another pool.
+MACHINE_SETTINGS = {"ec2_instance_type": "--instance-type", "ec2_spot": "--spot", "ec2_region": "--region"}
 
 
-def watchdog_script(idle_seconds: float) -> str:
-    return WATCHDOG.replace("__IDLE__", str(int(idle_seconds)))
-
-
-def user_data(idle_seconds: float) -> str:
-    """Cloud-init user data: install the watchdog and start it (nohup, no systemd needed)."""
-    return ("#!/bin/bash\ncat > /usr/local/bin/lepton-watchdog <<'LEPTON_EOF'\n"
-            + watchdog_script(idle_seconds)
-            + "LEPTON_EOF\nchmod +x /usr/local/bin/lepton-watchdog\n"
-              "nohup /usr/local/bin/lepton-watchdog >/var/log/lepton-watchdog.log 2>&1 &\n")
-
-
-def owner() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()}"
+def refuse_other_machines(pool_id: str, current: dict, given: dict) -> None:
+    """``%lepton up --instance-type/--spot/--region`` for a pool that runs other machines: one
+    clear line, rather than silently keeping the old ones."""
+    changed = [k for k in MACHINE_SETTINGS if given.get(k) is not None and given[k] != current.get(k)]
+    if changed:
+        asked = ", ".join(f"{MACHINE_SETTINGS[k]} {given[k]}" for k in changed)
+        has = ", ".join(f"{k.removeprefix('ec2_').replace('_', ' ')} {current.get(k)}" for k in changed)
+        raise LeptonError(f"pool {pool_id} runs {has}, not {asked}: release it first "
+                          "(%lepton down --backend ec2), then start the new one")
 
 
 class Ec2Backend(SSHBackend):
@@ -80,42 +47,47 @@ class Ec2Backend(SSHBackend):
         from botocore.config import Config as BotoConfig
 
         from .. import private
+        from ..staging import DEFAULT_THRESHOLD, Stager
         from ..store import default_home
 
+        # The SSH side is set up as for any SSH pool (hosts come from the launch, below).
+        super().__init__({**settings, "ssh_hosts": "instances@launched-later"})
         self.settings = settings
         self.home = Path(settings.get("home") or default_home()) / "ec2"
         private.make_dir(self.home)  # the key pair and the instances' host keys live here
         self.region = settings.get("ec2_region") or "us-east-1"
         self.instance_type = settings.get("ec2_instance_type") or "g5.xlarge"
-        self.fallback_types = [t for t in str(settings.get("ec2_fallback_types") or "").split(",") if t.strip()]
+        self.fallback_types = [t.strip() for t in str(settings.get("ec2_fallback_types") or "").split(",") if t.strip()]
         self.spot = bool(settings.get("ec2_spot"))
         self.spot_metadata = spot.metadata_url(settings, on_spot=self.spot)  # read by SSHBackend._start
         self.idle_timeout = float(settings.get("idle_timeout") or 600)
-        endpoint = settings.get("ec2_endpoint_url") or None
-        self.ec2 = boto3.client("ec2", region_name=self.region, endpoint_url=endpoint)
-        self.ssm = boto3.client("ssm", region_name=self.region, endpoint_url=endpoint)
-        self.endpoint = endpoint
-        from ..staging import DEFAULT_THRESHOLD, Stager
-
-        s3 = boto3.client("s3", region_name=self.region, endpoint_url=endpoint,
-                          config=BotoConfig(signature_version="s3v4"))
-        bucket = settings.get("ec2_s3_bucket") or f"lepton-magic-{_account(boto3, self.region, endpoint)}-{self.region}"
-        self.stager = Stager(s3, bucket, self.region, int(settings.get("ec2_s3_threshold") or DEFAULT_THRESHOLD))
+        self.ssh_ready_seconds = float(settings.get("ec2_ssh_wait") or SSH_READY_SECONDS)
+        self.endpoint = settings.get("ec2_endpoint_url") or None
+        self.poll = 1 if self.endpoint else 10  # a test endpoint answers at once
+        aws = boto3.session.Session(region_name=self.region)
+        self.ec2 = aws.client("ec2", endpoint_url=self.endpoint)
+        self.ssm = aws.client("ssm", endpoint_url=self.endpoint)
+        self.prices = Prices(aws, self.region, self.endpoint, self.spot, self.ec2)
+        account = identity.account_id(aws.client("sts", endpoint_url=self.endpoint))  # before anything is spent
+        s3 = aws.client("s3", endpoint_url=self.endpoint, config=BotoConfig(signature_version="s3v4"))
+        bucket = settings.get("ec2_s3_bucket") or f"lepton-magic-{account}-{self.region}"
+        self.stager = Stager(s3, bucket, self.region, int(settings.get("ec2_s3_threshold") or DEFAULT_THRESHOLD),
+                             owner=account)
         self.report = settings.get("report") or print
         self.pool_id = settings.get("pool_id", "?")
-        # SSH to the instances: our key pair, our known_hosts (fresh instances: trust on first use)
-        self.key = str(self.home / f"lepton-{self.region}.pem")
+        # SSH to the instances: this machine's key pair, our known_hosts (fresh instances: trust on first use)
+        self.key = str(self.home / f"{identity.key_pair_name(self.region, self.home)}.pem")
         self.known_hosts = str(self.home / "known_hosts")
         self.policy = "accept-new"
         self.python = settings.get("ssh_python") or "python3"
         self.ssh_user = settings.get("ec2_ssh_user") or "ubuntu"
         self.hosts: list[Host] = []
-        self._nodes = {}
-        self.uploaded_bytes = 0
-        self.instances: dict[str, dict] = {}  # node name -> {"id", "type", "price", "launched"}
-        from .ssh import _Loop
-
-        self._loop = _Loop.get()
+        #: node name -> {"id", "type", "price", "launched", "private_ip", "terminated"?}; kept after
+        #: termination, so the cost counts every instance that ever ran
+        self.instances: dict[str, dict] = {}
+        self.group: str | None = None
+        self._beating = threading.Event()
+        self._closed = threading.Event()
 
     # --- the plan ---------------------------------------------------------------------------
     def describe(self, instance_type: str) -> dict:
@@ -125,31 +97,35 @@ class Ec2Backend(SSHBackend):
         except Exception as e:
             code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
             if code in ("InvalidInstanceType", "InvalidParameterValue"):
-                close = difflib.get_close_matches(instance_type, list(PRICES), n=3, cutoff=0.5)
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; GPU types include {', '.join(list(PRICES)[:6])}"
+                close = difflib.get_close_matches(instance_type, list(US_EAST_1), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; GPU types include {', '.join(list(US_EAST_1)[:6])}"
                 raise LeptonError(f"unknown EC2 instance type {instance_type!r}{hint}") from None
             raise LeptonError(f"cannot describe {instance_type} in {self.region}: {e}") from None
         gpus = (info.get("GpuInfo") or {}).get("Gpus") or []
+        price = self.prices.of(instance_type)
         return {
             "type": instance_type,
             "gpu": gpus[0]["Name"] if gpus else None,
             "gpus": sum(g["Count"] for g in gpus),
             "gpu_memory_gib": round((info.get("GpuInfo") or {}).get("TotalGpuMemoryInMiB", 0) / 1024, 1),
-            "price": self.price(instance_type),
+            "price": price.dollars_per_hour,
+            "price_note": price.note,
         }
 
     def price(self, instance_type: str) -> float | None:
-        if self.spot:
-            history = self.ec2.describe_spot_price_history(
-                InstanceTypes=[instance_type], ProductDescriptions=["Linux/UNIX"], MaxResults=1
-            ).get("SpotPriceHistory") or []
-            if history:
-                return float(history[0]["SpotPrice"])
-        return PRICES.get(instance_type)
+        return self.prices.of(instance_type).dollars_per_hour
+
+    def price_note(self) -> str:
+        """"" when the $/h shown are AWS's own for this region and market; else why they may be
+        off ("estimate: us-east-1 list price, ...")."""
+        types = {i["type"] for i in self.instances.values() if not i.get("terminated")} or {self.instance_type}
+        return next((n for n in (self.prices.of(t).note for t in sorted(types)) if n), "")
 
     def plan(self, count: int) -> str:
         d = self.describe(self.instance_type)
-        price = f"${d['price']:.3f}/h each, ${d['price'] * count:.2f}/h in all" if d["price"] else "price unknown"
+        note = f" ({d['price_note']})" if d["price_note"] and d["price"] else ""
+        price = (f"${d['price']:.3f}/h each{note}, ${d['price'] * count:.2f}/h in all" if d["price"]
+                 else "price unknown")
         gpu = f"{d['gpus']} × {d['gpu']} ({d['gpu_memory_gib']} GiB)" if d["gpus"] else "no GPU"
         return (f"plan: {count} × {self.instance_type}{' spot' if self.spot else ''} in {self.region} · {gpu} "
                 f"· {price} · each powers off after {self.idle_timeout / 60:g} min idle")
@@ -158,130 +134,116 @@ class Ec2Backend(SSHBackend):
     def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
                     log_dir: str) -> list[NodeLink]:
         self.report(self.plan(len(names)))
-        image = self._image()
-        self._ensure_key_pair()
-        group = self._ensure_security_group()
-        launched = self._launch(len(names), image, group)
+        image = launch.image(self.settings, self.ssm)
+        key_name, self.key = launch.ensure_key_pair(self.ec2, self.region, self.home, self.report)
+        self.group = launch.ensure_pool_group(self.ec2, self.pool_id,
+                                              self.settings.get("ec2_ssh_cidr") or launch.caller_cidr())
+        launched = launch.run_instances(
+            self.ec2, count=len(names), image_id=image, instance_types=[self.instance_type] + self.fallback_types,
+            key_name=key_name, group=self.group, pool_id=self.pool_id, idle_seconds=self.idle_timeout,
+            spot=self.spot, report=self.report, check_type=self.describe)
         ids = [i["InstanceId"] for i in launched]
+        for name, instance in zip(names, launched):  # known at once: a failure below terminates them
+            self.instances[name] = {"id": instance["InstanceId"], "type": instance["InstanceType"],
+                                    "price": self.price(instance["InstanceType"]), "launched": time.time()}
+        self._start_heartbeat()
         self.report(f"pending: {', '.join(ids)}")
-        waiter = self.ec2.get_waiter("instance_running")
-        waiter.wait(InstanceIds=ids, WaiterConfig={"Delay": 2 if self.endpoint else 10,
-                                                  "MaxAttempts": WAIT_RUNNING_SECONDS // (2 if self.endpoint else 10)})
-        described = {i["InstanceId"]: i for r in self.ec2.describe_instances(InstanceIds=ids)["Reservations"]
-                     for i in r["Instances"]}
-        self.report(f"running: {', '.join(ids)}; waiting for SSH")
-        links = []
-        for name, instance_id in zip(names, ids):
-            instance = described[instance_id]
-            host = self._ssh_target(instance)
-            self.instances[name] = {"id": instance_id, "type": instance["InstanceType"],
-                                    "price": self.price(instance["InstanceType"]), "launched": time.time(),
-                                    "private_ip": instance.get("PrivateIpAddress")}
-            links.append(self._loop.run(self._start_when_ready(name, host, secret, on_message, on_lost, log_dir),
-                                        SSH_READY_SECONDS + 60))
+        links: list[NodeLink] = []
+        try:
+            described = launch.wait_running(self.ec2, ids, self.poll)
+            for name, instance_id in zip(names, ids):
+                self.instances[name]["private_ip"] = described[instance_id].get("PrivateIpAddress")
+            self.report(f"running: {', '.join(ids)}; waiting for SSH")
+            hosts = [self._ssh_target(described[i], position) for position, i in enumerate(ids)]
+            async def every_node():  # at once: n instances wait for SSH no longer than one
+                return await asyncio.gather(*(self._start_when_ready(name, host, secret, on_message, on_lost, log_dir)
+                                              for name, host in zip(names, hosts)), return_exceptions=True)
+
+            results = self._loop.run(every_node(), self.ssh_ready_seconds + 120)
+            links = [r for r in results if isinstance(r, NodeLink)]
+            failed = next(((n, h, r) for n, h, r in zip(names, hosts, results) if not isinstance(r, NodeLink)), None)
+            if failed:
+                name, host, error = failed
+                raise start_failed(name, names.index(name) + 1, len(names), f"{self.instances[name]['id']}, {host}",
+                                   error, 0)
+        except BaseException as e:
+            self._abandon(names, links)
+            if isinstance(e, launch.NotRunning):
+                name = next(n for n in names if self.instances[n]["id"] == e.instance_id)
+                e = start_failed(name, names.index(name) + 1, len(names), e.instance_id, e, 0)
+            raise self._undone(e, len(ids)) from None
         self.report(f"SSH ready on {len(links)} instance(s)")
         return links
 
-    async def _start_when_ready(self, name, host, secret, on_message, on_lost, log_dir):
-        import asyncio
+    def _abandon(self, names: list[str], links: list[NodeLink]) -> None:
+        """A request that will not give every node: its connections closed, every instance of it
+        terminated and gone before the error reaches the user."""
+        self.stop_started(links)  # (stop_node terminates those instances too)
+        pending = [self.instances[n]["id"] for n in names if not self.instances[n].get("terminated")]
+        if pending:
+            self.ec2.terminate_instances(InstanceIds=pending)
+        now = time.time()
+        for name in names:
+            self.instances[name].setdefault("terminated", now)
+        self.ec2.get_waiter("instance_terminated").wait(
+            InstanceIds=[self.instances[n]["id"] for n in names],
+            WaiterConfig={"Delay": self.poll, "MaxAttempts": int(launch.WAIT_TERMINATED_SECONDS / self.poll)})
+        for name in names:
+            self.instances[name]["gone"] = True
 
-        deadline = time.monotonic() + SSH_READY_SECONDS
+    @staticmethod
+    def _undone(error: BaseException, count: int) -> BaseException:
+        if not isinstance(error, Exception):
+            return error  # Ctrl-C stays Ctrl-C (the instances are gone all the same)
+        return LeptonError(f"{error}; terminated the {count} instance(s) of this request")
+
+    async def _start_when_ready(self, name, host, secret, on_message, on_lost, log_dir):
+        deadline = time.monotonic() + self.ssh_ready_seconds
         while True:
             try:
                 return await self._start(name, host, secret, on_message, on_lost, log_dir)
-            except Unreachable:
+            except Unreachable as e:
                 if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(3)
+                    raise Unreachable(f"SSH did not answer within {self.ssh_ready_seconds:g} s ({e})") from None
+                await asyncio.sleep(min(3.0, self.ssh_ready_seconds / 4))
 
-    def _ssh_target(self, instance: dict) -> Host:
-        override = self.settings.get("ec2_ssh_target")  # tests: every instance is this host:port
+    def _ssh_target(self, instance: dict, position: int) -> Host:
+        override = self.settings.get("ec2_ssh_target")  # tests: host:port for every instance, or one each
         if override:
-            return Host.parse(f"{self.ssh_user}@{override}" if "@" not in override else override)
+            targets = [t.strip() for t in str(override).split(",") if t.strip()]
+            target = targets[position % len(targets)]
+            return Host.parse(f"{self.ssh_user}@{target}" if "@" not in target else target)
         address = instance.get("PublicIpAddress") or instance.get("PrivateIpAddress")
         if not address:
             raise LeptonError(f"{instance['InstanceId']} has no address to reach over SSH")
         return Host(self.ssh_user, address, int(self.settings.get("ec2_ssh_port") or 22))
-
-    def _image(self) -> str:
-        image = self.settings.get("ec2_ami")
-        if image:
-            return image
-        try:
-            return self.ssm.get_parameter(Name=DLAMI_PARAMETER)["Parameter"]["Value"]
-        except Exception as e:
-            raise LeptonError(f"cannot resolve the Deep Learning AMI ({DLAMI_PARAMETER}): {e}; "
-                              "set one with %lepton config ec2_ami=ami-...") from None
-
-    def _ensure_key_pair(self) -> None:
-        name = f"lepton-{self.region}"
-        path = Path(self.key)
-        exists = bool(self.ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"])
-        if exists and path.exists():
-            return
-        if exists:  # the private key is gone: replace the pair
-            self.ec2.delete_key_pair(KeyName=name)
-        material = self.ec2.create_key_pair(KeyName=name)["KeyMaterial"]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "w") as f:
-            f.write(material)
-
-    def _ensure_security_group(self) -> str:
-        cidr = self.settings.get("ec2_ssh_cidr") or _caller_cidr()
-        name = "lepton-magic-ssh"
-        groups = self.ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [name]}])["SecurityGroups"]
-        if groups:
-            group = groups[0]["GroupId"]
-            allowed = {r["CidrIp"] for p in groups[0].get("IpPermissions", []) for r in p.get("IpRanges", [])}
-            if cidr in allowed:
-                return group
-        else:
-            group = self.ec2.create_security_group(GroupName=name, Description="SSH from one address (lepton_magic)")["GroupId"]
-            # The instances of a pool talk to each other (gloo/NCCL rendezvous and collectives).
-            self.ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
-                "IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}])
-        self.ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
-            "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": cidr}]}])
-        return group
-
-    def _launch(self, count: int, image: str, group: str) -> list[dict]:
-        """run_instances, trying every availability zone, then every fallback type."""
-        zones = [z["ZoneName"] for z in self.ec2.describe_availability_zones(
-            Filters=[{"Name": "state", "Values": ["available"]}])["AvailabilityZones"]]
-        tried = []
-        for instance_type in [self.instance_type] + self.fallback_types:
-            if instance_type != self.instance_type:
-                self.describe(instance_type)  # refuse a made-up fallback before trying it
-                self.report(f"no capacity for {tried[-1][0]} in any zone: trying {instance_type}")
-            for zone in zones:
-                options = dict(
-                    ImageId=image, InstanceType=instance_type, MinCount=count, MaxCount=count,
-                    KeyName=f"lepton-{self.region}", SecurityGroupIds=[group],
-                    Placement={"AvailabilityZone": zone}, InstanceInitiatedShutdownBehavior="terminate",
-                    UserData=user_data(self.idle_timeout),
-                    TagSpecifications=[{"ResourceType": "instance", "Tags": [
-                        {"Key": TAG_POOL, "Value": self.pool_id}, {"Key": TAG_OWNER, "Value": owner()},
-                        {"Key": "Name", "Value": f"lepton {self.pool_id}"}]}],
-                )
-                if self.spot:
-                    options["InstanceMarketOptions"] = {"MarketType": "spot"}
-                try:
-                    return self.ec2.run_instances(**options)["Instances"]
-                except Exception as e:
-                    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
-                    if code != "InsufficientInstanceCapacity":
-                        raise LeptonError(f"AWS refused to launch {instance_type}: {e}") from None
-                    tried.append((instance_type, zone))
-                    self.report(f"no capacity for {instance_type} in {zone}: trying the next zone")
-        raise LeptonError(
-            f"no capacity for {', '.join(dict.fromkeys(t for t, _z in tried))} in {', '.join(zones)}; "
-            "add fallbacks with %lepton config ec2_fallback_types=g5.2xlarge,g6.xlarge")
 
     def master_addr(self, link: NodeLink) -> str:
         """Rank 0's private address: the other instances of the VPC reach it there."""
         if self.settings.get("ec2_ssh_target"):
             return super().master_addr(link)
         return self.instances[link.name].get("private_ip") or super().master_addr(link)
+
+    # --- the heartbeat gc reads ---------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        if not self._beating.is_set():
+            self._beating.set()
+            threading.Thread(target=self._beat, daemon=True, name=f"lepton-ec2-heartbeat-{self.pool_id}").start()
+
+    def _beat(self) -> None:
+        """While the pool lives, its instances say so (gc elsewhere spares them); a kernel that
+        dies stops beating, and its instances become gc's after gc.STALE_SECONDS."""
+        while not self._closed.wait(gc.HEARTBEAT_SECONDS):
+            self.beat()
+
+    def beat(self) -> None:
+        ids = [i["id"] for i in self.instances.values() if not i.get("terminated")]
+        try:
+            if ids:
+                self.ec2.create_tags(Resources=ids + ([self.group] if self.group else []), Tags=[
+                    {"Key": identity.TAG_HEARTBEAT, "Value": str(int(time.time()))}])
+        except Exception as e:  # a network hiccup: the next beat comes within a minute
+            self.report(f"could not refresh the heartbeat tag of pool {self.pool_id}: {e}")
 
     # --- releasing ---------------------------------------------------------------------------
     def stop_node(self, link: NodeLink, wait: float = 5.0) -> None:
@@ -294,11 +256,24 @@ class Ec2Backend(SSHBackend):
                 instance["terminated"] = time.time()
 
     def close(self) -> None:
-        """Wait until every instance of the pool is gone."""
-        ids = [i["id"] for i in self.instances.values()]
-        if ids:
-            self.ec2.get_waiter("instance_terminated").wait(
-                InstanceIds=ids, WaiterConfig={"Delay": 2 if self.endpoint else 10, "MaxAttempts": 60})
+        """The pool is going: whatever of it still runs is terminated, then waited for (only
+        instances whose termination was asked for, so this never waits on its own), and its
+        security group deleted."""
+        self._closed.set()
+        running = [i for i in self.instances.values() if not i.get("terminated")]
+        if running:
+            self.ec2.terminate_instances(InstanceIds=[i["id"] for i in running])
+            for instance in running:
+                instance["terminated"] = time.time()
+        waiting = [i["id"] for i in self.instances.values() if not i.get("gone")]
+        if waiting:
+            self.ec2.get_waiter("instance_terminated").wait(InstanceIds=waiting, WaiterConfig={
+                "Delay": self.poll, "MaxAttempts": int(launch.WAIT_TERMINATED_SECONDS / self.poll)})
+            for instance in self.instances.values():
+                instance["gone"] = True
+        if self.group and not launch.delete_group(self.ec2, self.group, delay=self.poll):
+            self.report(f"could not delete security group {self.group} of pool {self.pool_id} yet; "
+                        "lepton-magic gc lists it")
 
     def cost_so_far(self) -> float:
         """Dollars spent by this pool's instances, launch to termination (or now)."""
@@ -313,38 +288,3 @@ class Ec2Backend(SSHBackend):
     def price_per_hour(self) -> float:
         return sum(i["price"] or 0 for i in self.instances.values() if not i.get("terminated"))
 
-
-def _account(boto3, region: str, endpoint: str | None) -> str:
-    try:
-        return boto3.client("sts", region_name=region, endpoint_url=endpoint).get_caller_identity()["Account"]
-    except Exception:
-        return getpass.getuser()
-
-
-def _caller_cidr() -> str:
-    """This machine's public address as a /32 (SSH is open to it only)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as r:
-            return r.read().decode().strip() + "/32"
-    except OSError as e:
-        raise LeptonError(f"cannot find this machine's public address ({e}); "
-                          "set it with %lepton config ec2_ssh_cidr=203.0.113.7/32") from None
-
-
-def find_orphans(ec2, live_pools: set[str]) -> list[dict]:
-    """Instances this tool launched (tagged) that no live pool owns."""
-    out = []
-    pages = ec2.get_paginator("describe_instances").paginate(
-        Filters=[{"Name": "tag-key", "Values": [TAG_POOL]},
-                 {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
-    for page in pages:
-        for reservation in page["Reservations"]:
-            for instance in reservation["Instances"]:
-                tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-                if tags.get(TAG_POOL) not in live_pools:
-                    out.append({"id": instance["InstanceId"], "type": instance["InstanceType"],
-                                "pool": tags.get(TAG_POOL), "owner": tags.get(TAG_OWNER),
-                                "launched": instance["LaunchTime"].isoformat()})
-    return out
