@@ -273,7 +273,7 @@ class Ec2Backend(SSHBackend):
                 instance["gone"] = True
         if self.group and not launch.delete_group(self.ec2, self.group, delay=self.poll):
             self.report(f"could not delete security group {self.group} of pool {self.pool_id} yet; "
-                        "lepton-magic gc lists it")
+                        f"delete it later with aws ec2 delete-security-group --group-id {self.group}")
 
     def cost_so_far(self) -> float:
         """Dollars spent by this pool's instances, launch to termination (or now)."""
