@@ -1,0 +1,161 @@
+"""The ray backend on a real local Ray cluster (tests/raycluster.py: a head and a second raylet
+on 127.0.0.2), through a driver address and through Ray Client (ray://): real actors, real
+agents, real ranks. Skipped, saying why, where Ray is not installed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("ray", reason='Ray is not installed (bash scripts/ci_ray_deps.sh, or pip install "lepton-magic[ray]")')
+
+import ray  # noqa: E402
+from raycluster import non_loopback_peers, ray_cluster  # noqa: E402,F401  (the fixture)
+
+from lepton_magic.backends import ray_cluster as connection  # noqa: E402
+from lepton_magic.config import Config  # noqa: E402
+from lepton_magic.errors import LeptonError  # noqa: E402
+from lepton_magic.session import Session  # noqa: E402
+
+STEPS = 300
+
+DDP_CELL = f"""
+import os, torch
+dist = lepton.init_distributed()
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+for step in range({STEPS}):
+    lepton.log(step=step, loss=1.0 / (step + 1), lr=0.1)
+opt.zero_grad()
+ddp(torch.ones(8, 4)).sum().backward()
+opt.step()
+total = torch.tensor([float(lepton.rank + 1)])
+dist.all_reduce(total)
+for i in range(200):
+    print("flood-marker", lepton.rank, i)
+seen = (lepton.rank, lepton.world_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
+"""
+
+
+def _session(address: str) -> Session:
+    config = Config.defaults()
+    config.set("backend", "ray")
+    config.set("ray_address", address)
+    config.set("preload", "torch")
+    return Session(config)
+
+
+@pytest.fixture(scope="module", params=["driver", "client"])
+def connected(request, ray_cluster):  # noqa: F811
+    """A session whose ray pool reaches the cluster as a driver, or through Ray Client."""
+    address = ray_cluster.address if request.param == "driver" else ray_cluster.client_address
+    session = _session(address)
+    yield session
+    session.close()
+    assert not ray.is_initialized()  # the backend's connection closed with its pool
+
+
+def test_ddp_cell_on_two_raylets_with_every_metric(connected, capfd):
+    run = connected.submit(DDP_CELL, {}, nodes=2)
+    run.wait(120)
+    assert run.outputs["total"].item() == 3.0  # 1 + 2: all_reduce across the two nodes
+    assert run.outputs["seen"] == (0, 2, "")  # 0-GPU nodes see no GPU
+    metrics = run.metrics
+    assert len(metrics) == 2 * 2 * STEPS  # every point of both ranks, none lost
+    assert sorted(metrics.groupby("rank").size().tolist()) == [2 * STEPS, 2 * STEPS]
+    pool = connected.pool("ray")
+    where = [pool.backend.placement(link.name) for link in run._live.nodes] if run._live else []
+    nodes = run.nodes
+    assert list(nodes["host"]) == ["127.0.0.2", "127.0.0.2"]
+    if where:  # STRICT_SPREAD: one node per raylet
+        assert len({w["ray_node_id"] for w in where}) == 2
+    assert "flood-marker 1 199" in run.logs(rank=1)
+    # ...and through lepton's pipe only: Ray's log_to_driver would print it here too.
+    assert "flood-marker" not in "".join(capfd.readouterr())
+
+
+def test_every_connection_of_the_cluster_stays_on_loopback(connected, ray_cluster):  # noqa: F811
+    import psutil
+
+    connected.up("ray", 2)  # the pool's actors, agents and ranks exist while we look
+    found = non_loopback_peers(ray_cluster.processes() + [psutil.Process()])
+    assert not found, "traffic beyond loopback:\n" + "\n".join(found)
+
+
+def test_killed_actor_is_a_lost_node_named(connected):
+    run = connected.submit("import time\nfor i in range(600):\n    lepton.log(step=i, x=i)\n    time.sleep(0.05)\n",
+                           {}, nodes=2)
+    _wait_for(lambda: len(run.metrics) >= 4, 60)
+    victim = run._live.nodes[1] if run._live else None
+    assert victim is not None
+    pid = connected.pool("ray").backend.placement(victim.name)["actor_pid"]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(LeptonError, match=rf"node {victim.name} was lost \(its Ray actor died"):
+        run.wait(30)
+    assert run.status == "failed"
+
+
+def test_gpu_request_on_cpu_cluster_fails_at_once_saying_why(connected):
+    session = _session(connected.config["ray_address"])  # another pool on the same connection
+    started = time.monotonic()
+    try:
+        with pytest.raises(LeptonError) as caught:
+            session.up("ray", 1, gpus=1)
+        assert time.monotonic() - started < 20  # not the 60 s placement timeout
+        message = str(caught.value)
+        assert "Ray cannot place 1 node(s) of {CPU: 1, GPU: 1}" in message
+        assert "no node of this cluster can ever hold one" in message
+        assert "the cluster has {CPU: 4" in message and "free" in message
+        assert "\n" not in message
+        pool_id = session.pools["ray"].id
+        assert all(g["state"] == "REMOVED" for g in _groups_of(pool_id))  # nothing left reserved
+    finally:
+        session.close()
+
+
+def test_cancel_mid_run_then_down_frees_the_placement_group(connected):
+    run = connected.submit("import time\nfor i in range(6000):\n    lepton.log(step=i, x=i)\n    time.sleep(0.01)\n",
+                           {}, nodes=2)
+    _wait_for(lambda: run.status == "running" and len(run.metrics) >= 2, 60)
+    started = time.monotonic()
+    run.cancel()
+    run.wait_done(10)
+    assert run.status == "cancelled" and time.monotonic() - started < 6
+    pool = connected.pool("ray")
+    groups = _groups_of(pool.id)
+    assert groups and all(g["state"] == "CREATED" for g in groups)  # warm nodes keep theirs
+    connection.connect(connected.config["ray_address"])  # to look after the pool's went
+    try:
+        connected.down("ray")
+        _wait_for(lambda: all(g["state"] == "REMOVED" for g in _groups_of(pool.id)), 10)
+        _wait_for(lambda: ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"), 10)
+    finally:
+        connection.disconnect()
+
+
+def test_missing_address_part_is_one_clear_line():
+    config = Config.defaults()
+    with pytest.raises(ValueError, match=r"ray_address: expected a Ray address: auto, local, HOST:PORT"):
+        config.set("ray_address", "ray://nohost")
+    with pytest.raises(ValueError, match="ray_strategy: expected spread or pack"):
+        config.set("ray_strategy", "scatter")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _groups_of(pool_id: str) -> list[dict]:
+    from ray.util import placement_group_table
+
+    return [g for g in placement_group_table().values() if g["name"].startswith(f"lepton-{pool_id}-")]
+
+
+def _wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
