@@ -92,6 +92,16 @@ def _parse_policy(text: Any) -> str:
     return value
 
 
+def _parse_spare(text: Any) -> str:
+    value = str(text).strip().lower()
+    if value in ("auto", "on", "off"):
+        return value
+    try:
+        return "on" if _parse_bool(text) else "off"
+    except ValueError:
+        raise ValueError(f"expected auto, on or off, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     default: Any
@@ -118,6 +128,9 @@ SETTINGS: dict[str, Setting] = {
     "preload": Setting("torch,torch._dynamo,numpy,pandas", str,
                        "modules each node imports ahead of runs (comma-separated; torch._dynamo: DDP imports it, 2.6 s)"),
     "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
+    "retry_spare": Setting("auto", _parse_spare,
+                           "keep one warm spare node while runs with --retries go, so a retry starts at once: "
+                           "auto (on where nodes are free: local, ssh), on, off"),
     "ssh_hosts": Setting("", _parse_hosts, "ssh backend: user@host:port,... (node i runs on host i)"),
     "ssh_key": Setting("", str, "ssh backend: private key file (default: your SSH agent and ~/.ssh keys)"),
     "ssh_known_hosts": Setting("", str, "ssh backend: known_hosts file (default ~/.ssh/known_hosts)"),
@@ -131,7 +144,10 @@ SETTINGS: dict[str, Setting] = {
     "ec2_ssh_user": Setting("ubuntu", str, "ec2 backend: SSH user of the AMI"),
     "ec2_ssh_cidr": Setting("", str, "ec2 backend: who may SSH in (default: this machine's public /32)"),
     "ec2_endpoint_url": Setting("", str, "ec2 backend: AWS endpoint (tests: a moto server)"),
-    "ec2_ssh_target": Setting("", str, "ec2 backend: reach every instance at this host:port (tests)"),
+    "ec2_ssh_target": Setting("", str, "ec2 backend: reach every instance at this host:port, or instance i at "
+                              "the i-th of host:port,host:port (tests)"),
+    "ec2_ssh_wait": Setting(300.0, parse_duration, "ec2 backend: how long a new instance may take to answer SSH "
+                            "(then every instance of its request is terminated)"),
     "ec2_s3_bucket": Setting("", str, "ec2 backend: bucket for large inputs/outputs (default lepton-magic-ACCOUNT-REGION)"),
     "ec2_s3_threshold": Setting(8 << 20, lambda v: parse_count(v, "ec2_s3_threshold"),
                                 "ec2 backend: values from this many bytes travel through S3"),

@@ -47,6 +47,7 @@ class Pool:
         self._nodes_named = 0
         self._released: set[str] = set()  # nodes stopped on purpose, whose exit is no loss
         self._preempting: set[str] = set()  # nodes with a spot notice: given to no new run
+        self._spare_for: set[str] = set()  # runs with retries going: a warm node waits for their retry
         self._log_dir = Path(store.home) / "logs"
         private.make_dir(self._log_dir)
         store.add_pool(self.id, backend, {k: v for k, v in settings.items() if k != "secret"})
@@ -182,6 +183,39 @@ class Pool:
             self.busy[node.name] = run_id
         return taken
 
+    # --- a warm spare for retries ------------------------------------------------------------
+    @property
+    def keeps_spares(self) -> bool:
+        """A spare costs a node's memory here; on a cloud it costs money, so only when asked."""
+        choice = self.settings.get("retry_spare") or "auto"
+        return choice == "on" or (choice == "auto" and self.backend_name in ("local", "ssh"))
+
+    @property
+    def spares_wanted(self) -> int:
+        return 1 if self._spare_for and self.keeps_spares else 0
+
+    def hold_spare(self, run_id: str, name: str) -> None:
+        """While the run goes, keep one free node warm (its torch imported), so the run's retry
+        after a lost node starts at once instead of waiting for a new node to come up."""
+        if not self.keeps_spares:
+            return
+        with self._lock:
+            self._spare_for.add(run_id)
+            short = not self._free(self.live_nodes) and not self._growing
+            room = not self.max_nodes or len(self.live_nodes) < self.max_nodes
+        if short and room:
+            threading.Thread(target=self._grow_spare, args=(name,), daemon=True, name="lepton-spare").start()
+
+    def _grow_spare(self, name: str) -> None:
+        try:
+            self.grow(1, f"a warm spare for {name}'s retries")
+        except Exception as e:  # no room, or the node did not start: a retry starts one then
+            log.info("pool %s: no spare node (%s)", self.id, e)
+
+    def drop_spare(self, run_id: str) -> None:
+        with self._lock:
+            self._spare_for.discard(run_id)
+
     def attach_run(self, run: "LiveRun") -> None:
         with self._lock:
             self.runs[run.id] = run
@@ -216,6 +250,15 @@ class Pool:
                 mem_used=message.get("mem_used"),
                 telemetry={k: message.get(k) for k in ("ranks", "gpus", "time")},
             )
+        elif kind == "link":  # a resumable link's connection dropped, or came back
+            data = {"node": link.name, "reason": message.get("reason")}
+            self.store.add_event(f"node_{message['state']}", data, pool=self.id)
+            self.store.upsert_node(self.id, link.name,
+                                   status="reconnecting" if message["state"] == "reconnecting" else "ready")
+            with self._lock:
+                runs = {run.seq for run in self.runs.values() if link in run.nodes}
+            for seq in runs:
+                self.store.add_event(f"node_{message['state']}", data, run=seq)
         elif kind == "node_update":
             self.store.upsert_node(self.id, link.name, torch=message.get("torch"))
         elif kind == "preempting":  # a spot notice: the node goes in about two minutes
@@ -257,7 +300,8 @@ class Pool:
         timeout = self.settings.get("idle_timeout")
         with self._lock:
             idle = self._longest_idle_first()
-            if not timeout or self.closed or not idle or len(self.live_nodes) <= self.min_nodes:
+            if (not timeout or self.closed or len(idle) <= self.spares_wanted
+                    or len(self.live_nodes) <= self.min_nodes):
                 return None
             return max(0.0, timeout - (time.monotonic() - self._idle_since[idle[0].name]))
 
@@ -274,6 +318,8 @@ class Pool:
             time.sleep(1.0)
             ticks += 1
             self._lose_silent_nodes()
+            if ticks % 2 == 0:
+                self._beat()
             if ticks % 10 == 0:
                 self.record_cost()
             self._release_idle_nodes()
@@ -290,8 +336,9 @@ class Pool:
             if self.closed or self._growing:
                 return
             now = time.monotonic()
-            due = [n for n in self._longest_idle_first() if now - self._idle_since[n.name] >= timeout]
-            going = due[:max(0, len(self.live_nodes) - self.min_nodes)]
+            free = self._longest_idle_first()
+            due = [n for n in free if now - self._idle_since[n.name] >= timeout]
+            going = due[:max(0, min(len(self.live_nodes) - self.min_nodes, len(free) - self.spares_wanted))]
             for link in going:
                 self._forget(link)
         if going:
@@ -299,12 +346,20 @@ class Pool:
             self._stop(going, f"idle {_duration(timeout)}; min {self.min_nodes}")
 
     def _lose_silent_nodes(self) -> None:
+        """A node silent past the deadline is lost; one of detached runs (a resumable link) is
+        first connected to again."""
         deadline = self.settings.get("heartbeat_timeout") or HEARTBEAT_TIMEOUT
         now = time.monotonic()
         for link in self.live_nodes:
             silent = now - link.last_heard
-            if link.facts and silent > deadline:  # (a node still starting has its own timeout)
-                link.lose(f"no heartbeat for {silent:.0f} s")
+            if link.facts and silent > deadline and not link.reconnecting:  # (a starting node has its own timeout)
+                link.drop(f"no heartbeat for {silent:.0f} s")
+
+    def _beat(self) -> None:
+        """Agents on other hosts take a kernel that stopped sending for gone (see backends.ssh)."""
+        for link in self.live_nodes:
+            if link.facts and not link.reconnecting:
+                link.beat()
 
     def release_node(self, name: str) -> str:
         """Stop one idle node; says what happened."""

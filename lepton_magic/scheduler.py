@@ -118,6 +118,8 @@ class ScheduledRun:
                 reason=f"timed out after {_seconds(self.spec.timeout)}", failure=True))
             self._timer.daemon = True
             self._timer.start()
+        if self.spec.retries:
+            self.pool.hold_spare(self.run_id, self.name)
         self._start_attempt(links)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -165,6 +167,7 @@ class ScheduledRun:
         if not live.retrying:
             if self._timer is not None:
                 self._timer.cancel()
+            self.pool.drop_spare(self.run_id)
             self.done.set()
             return
         with self._lock:
@@ -217,6 +220,7 @@ class ScheduledRun:
                 log.exception("a run-end callback failed")
         if self._timer is not None:
             self._timer.cancel()
+        self.pool.drop_spare(self.run_id)
         self.done.set()
 
 

@@ -58,6 +58,10 @@ class Session:
                 self._start_command_poller()
             else:
                 given = {k: v for k, v in settings.items() if v is not None}
+                if backend == "ec2":
+                    from .backends.ec2 import refuse_other_machines
+
+                    refuse_other_machines(pool.id, pool.settings, given)
                 if given:  # (a run's own up() gives none: no store write on every cell)
                     pool.settings.update(given)
                     self.store.set_pool_settings(pool.id, {k: v for k, v in pool.settings.items() if k != "secret"})
@@ -71,7 +75,8 @@ class Session:
         if pool is not None:
             return {k: v for k, v in pool.settings.items() if k != "secret"}
         return {k: self.config[k] for k in self.config.values
-                if k in ("idle_timeout", "preload", "heartbeat_timeout") or k.startswith(("ssh_", "ec2_", "spot_"))}
+                if k in ("idle_timeout", "preload", "heartbeat_timeout", "retry_spare")
+                or k.startswith(("ssh_", "ec2_", "spot_"))}
 
     def _check_node_count(self, nodes: int) -> None:
         most = self.config["max_nodes"]
@@ -104,18 +109,17 @@ class Session:
         return pd.DataFrame(rows, columns=["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far"])
 
     def gc(self, terminate: bool = False) -> list[dict]:
-        """EC2 instances tagged by this tool that no live pool of this session owns."""
+        """Every EC2 instance this tool launched, each with what gc does to it and why (the
+        "action" and "why" keys): only yours whose pool is alive nowhere (not up here, heartbeat
+        stale) are terminated, and only with ``terminate``. See aws/gc.py."""
         import boto3
 
-        from .backends.ec2 import find_orphans
+        from .aws import gc
 
         client = boto3.client("ec2", region_name=self.config["ec2_region"],
                               endpoint_url=self.config["ec2_endpoint_url"] or None)
         live = {p.id for p in self.pools.values() if not p.closed}
-        orphans = find_orphans(client, live)
-        if terminate and orphans:
-            client.terminate_instances(InstanceIds=[o["id"] for o in orphans])
-        return orphans
+        return gc.collect(client, live, terminate=terminate)
 
     def close(self, reason: str = kernel_shutdown.EXITED) -> None:
         """The process is going (exit, kernel restart or shutdown): end every run, saying why."""
@@ -311,6 +315,11 @@ class Session:
     def bind_when_done(self, run: Run, namespace: dict) -> threading.Thread:
         """Bind the outputs of a run this process does not run (detached, or attached to) when
         it ends, before the next cell or at ``run.wait()``."""
+
+        with self._lock:
+            binder = self._binders.get(run.seq)
+        if binder is not None and binder.is_alive():
+            return binder  # (the cell that detached it follows it already)
 
         def wait() -> None:
             run.wait_done()

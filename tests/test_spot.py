@@ -89,6 +89,9 @@ def session(tmp_path, monkeypatch):
     monkeypatch.setenv("LEPTON_SPOT_POLL_SECONDS", str(POLL_SECONDS))  # the agents inherit it
     config = Config.defaults()
     config.set("heartbeat_timeout", "4s")
+    # Every local agent here reads the same fake metadata server: a warm spare would get the
+    # notice too (on EC2 each instance has its own), and the reclaim must find a fresh node.
+    config.set("retry_spare", "off")
     s = Session(config, Store(tmp_path))
     yield s
     s.close()
