@@ -318,15 +318,15 @@ class LeptonMagics(Magics):
         args = _parse(_gc_args, rest)
         if args is None:
             return None
-        orphans = self.session.gc(terminate=args.yes)
-        if not orphans:
-            print("no instance of this tool is running without a pool")
+        rows = self.session.gc(terminate=args.yes)
+        from .aws import gc as aws_gc
+
+        print(aws_gc.summary(rows, acted=args.yes, how_to_act="run %lepton gc --yes"))
+        if not rows:
             return None
-        verb = "terminated" if args.yes else "found (run %lepton gc --yes to terminate them)"
-        print(f"{len(orphans)} instance(s) {verb}:")
         import pandas as pd
 
-        return pd.DataFrame(orphans)
+        return pd.DataFrame(rows)
 
     def _cmd_attach(self, rest: str):
         args = _parse(_attach_args, rest)

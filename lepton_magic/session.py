@@ -105,8 +105,10 @@ class Session:
             rows.append({"pool": pool.id, "backend": pool.backend_name, "nodes": len(pool.live_nodes),
                          "status": "down" if pool.closed else "up",
                          "dollars_per_hour": pool.backend.price_per_hour() or 0.0,
-                         "cost_so_far": round(pool.backend.cost_so_far() or 0.0, 4)})
-        return pd.DataFrame(rows, columns=["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far"])
+                         "cost_so_far": round(pool.backend.cost_so_far() or 0.0, 4),
+                         "price_note": getattr(pool.backend, "price_note", lambda: "")()})
+        return pd.DataFrame(rows, columns=["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far",
+                                           "price_note"])
 
     def gc(self, terminate: bool = False) -> list[dict]:
         """Every EC2 instance this tool launched, each with what gc does to it and why (the
