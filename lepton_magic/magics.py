@@ -226,7 +226,10 @@ class LeptonMagics(Magics):
             print(f"{run.name} detached: it goes on if this kernel stops · %lepton attach {run.name} "
                   f"follows it from any kernel, %lepton cancel {run.name} stops it")
         if args.background:
-            if not args.detach:
+            if run.status == "queued":
+                print(f"{run.name} is queued: every node the pool may hold is busy; it starts when enough "
+                      f"are free · %lepton wait {run.name}, %lepton cancel {run.name}")
+            elif not args.detach:
                 print(f"{run.name} started on {len(run.nodes)} node(s) in the background · "
                       f"lm.get_run({run.name!r}).wait() or %lepton wait {run.name}")
             live.follow_in_background(run, self.shell)

@@ -6,8 +6,9 @@ import logging
 import secrets
 import threading
 import time
+from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import backends, private, sharedmem
 from .backends import NodeLink
@@ -40,6 +41,8 @@ class Pool:
         self.closed = False
         self._run_ids: list[str] = []
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # nodes were freed, lost or released
+        self._waiting: deque[str] = deque()  # runs queued for nodes, first come first served
         #: When each free node that has come up last became free (time.monotonic()): its idle clock.
         self._idle_since: dict[str, float] = {}
         self._growing = 0  # grow() calls under way
@@ -129,8 +132,9 @@ class Pool:
                 agent_pid=link.facts.get("pid"), python=link.facts.get("python"), last_seen=time.time(),
                 started=time.time(),
             )
-            with self._lock:
+            with self._changed:
                 self._idle_since[link.name] = time.monotonic()
+                self._changed.notify_all()
         self.record_cost()
         if failed:
             name = failed[0].name
@@ -150,26 +154,67 @@ class Pool:
         if missing > 0:
             self.grow(missing, f"{_nodes(count)} asked for, {len(live)} up")
 
-    def acquire(self, count: int, run_id: str) -> list[NodeLink]:
+    def acquire(self, count: int, run_id: str, wanted: Callable[[], bool] | None = None) -> list[NodeLink]:
         """``count`` idle nodes for one run, starting more when too few are free (up to the
         pool's max). The free ones are taken at once: no idle release takes them while the
-        others start."""
-        with self._lock:
-            if self.closed:
-                raise LeptonError("the pool was released; run again to start a new one")
-            taken = self._take(count, run_id)
-        if len(taken) == count:
+        others start.
+
+        When the pool is at its max and too few nodes are free, a run that could fit once others
+        end either raises PoolBusy (``wanted`` None) or, with ``wanted``, waits its turn in a
+        first-come queue, for as long as ``wanted()`` says the run still wants nodes. Nothing is
+        held while it waits (two waiting runs never hold half of what each needs)."""
+        cap = self.max_nodes
+        if cap and count > cap:
+            self._check_room(count - len(self._free(self.live_nodes)),
+                             f"a run needs {_nodes(count)}, {len(self._free(self.live_nodes))} free")
+        with self._changed:
+            self._waiting.append(run_id)
+        try:
+            while True:
+                with self._changed:
+                    if self.closed:
+                        raise LeptonError("the pool was released; run again to start a new one")
+                    if self._waiting[0] == run_id:
+                        taken = self._take(count, run_id)
+                        missing = count - len(taken)
+                        if not missing or self._room() >= missing:
+                            self._waiting.popleft()
+                            break
+                        self._give_back(run_id)
+                        if wanted is None:
+                            raise PoolBusy(f"the pool is at its max of {cap} nodes and {len(taken)} of them "
+                                           f"are free; the run needs {_nodes(count)}")
+                    elif wanted is None:
+                        raise PoolBusy(f"{self._waiting.index(run_id)} run(s) wait for nodes before it")
+                    if not wanted():
+                        raise LeptonError("no longer wanted")
+                    self._changed.wait(0.25)
+        finally:
+            with self._changed:
+                if run_id in self._waiting:
+                    self._waiting.remove(run_id)
+                self._changed.notify_all()
+        if not missing:
             return taken
         try:
-            self.grow(count - len(taken), f"a run needs {_nodes(count)}, {len(taken)} free")
+            self.grow(missing, f"a run needs {_nodes(count)}, {len(taken)} free")
             with self._lock:
-                taken += self._take(count - len(taken), run_id)
+                taken += self._take(missing, run_id)
             if len(taken) < count:
                 raise LeptonError(f"the pool has {len(taken)} usable nodes, the run needs {count}")
         except BaseException:
             self.release_run(run_id)
             raise
         return taken
+
+    def _room(self) -> int | float:
+        """Nodes the pool may still start."""
+        return self.max_nodes - len(self.live_nodes) if self.max_nodes else float("inf")
+
+    @property
+    def queued(self) -> int:
+        """Runs waiting for nodes."""
+        return len(self._waiting)
 
     def _free(self, links: list[NodeLink]) -> list[NodeLink]:
         """Those of ``links`` that have come up, run nothing and are not about to go (a spot
@@ -225,13 +270,17 @@ class Pool:
         self.release_run(run.id)
 
     def release_run(self, run_id: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            for name, owner in list(self.busy.items()):
-                if owner == run_id:
-                    del self.busy[name]
-                    self._idle_since[name] = now
+        with self._changed:
+            self._give_back(run_id)
             self.runs.pop(run_id, None)
+            self._changed.notify_all()  # a queued run may take them
+
+    def _give_back(self, run_id: str) -> None:
+        now = time.monotonic()
+        for name, owner in list(self.busy.items()):
+            if owner == run_id:
+                del self.busy[name]
+                self._idle_since[name] = now
 
     # --- messages from agents ---------------------------------------------------------------
     def _on_message(self, link: NodeLink, message: dict) -> None:
@@ -282,8 +331,9 @@ class Pool:
         threading.Thread(target=self.backend.stop_node, args=(link,), daemon=True).start()
         self.store.upsert_node(self.id, link.name, status="lost", last_seen=time.time())
         self.store.add_event("node_lost", {"node": link.name, "reason": reason}, pool=self.id)
-        with self._lock:
+        with self._changed:
             runs = list(self.runs.values())
+            self._changed.notify_all()  # the room it leaves may start a queued run's nodes
         for run in runs:
             run.on_node_lost(link, reason)
 
@@ -398,9 +448,10 @@ class Pool:
             run.cancel(reason=reason)
         for run in runs:
             run.done.wait(6.0)
-        with self._lock:
+        with self._changed:
             self.closed = True
             nodes = list(self.nodes)
+            self._changed.notify_all()
         for link in nodes:
             self.backend.stop_node(link)
         self.backend.close()
@@ -409,6 +460,10 @@ class Pool:
         if shm:  # results no kernel mapped (a rank killed while writing one): free that memory
             sharedmem.sweep(shm, self._run_ids)
         self.store.end_pool(self.id)
+
+
+class PoolBusy(LeptonError):
+    """Every node the pool may hold is busy: the run can start once others end (it is queued)."""
 
 
 def _nodes(count: int) -> str:

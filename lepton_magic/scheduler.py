@@ -113,11 +113,56 @@ class ScheduledRun:
     # --- control -----------------------------------------------------------------------------
     def start(self, links) -> None:
         """The first attempt, on nodes already acquired and checked."""
+        self._arm_timer()
+        self._begin(links)
+
+    def start_queued(self, why: str) -> None:
+        """Every node the pool may hold is busy: wait for nodes in the pool's queue (first come,
+        first served), then start. The timeout counts from now; a cancel ends the wait."""
+        self.current = self._attempt(links=[])  # not started: what the run shows while it waits
+        self.current.status = "queued"
+        self.store.add_event("queued", {"reason": why}, run=self.seq)
+        log.info("%s queued: %s", self.name, why)
+        self._arm_timer()
+        threading.Thread(target=self._start_when_placed, name=f"lepton-queued-{self.name}", daemon=True).start()
+
+    def _start_when_placed(self) -> None:
+        spec = self.spec
+        try:
+            links = self.pool.acquire(spec.nodes, self.run_id, wanted=self._still_wanted)
+            try:
+                compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
+            except LeptonError:
+                self.pool.release_run(self.run_id)
+                raise
+        except Exception as e:
+            with self._lock:
+                stop = self._cancel
+            if stop is not None:
+                reason, failure = stop
+                self._end_between_attempts("failed" if failure else "cancelled", reason,
+                                           LeptonError(f"{self.name} {reason}") if failure else None)
+            else:
+                error = LeptonError(f"{self.name} could not start: {e}")
+                self._end_between_attempts("failed", str(error), error)
+            return
+        try:
+            self._begin(links)
+        except Exception as e:
+            self.current.abort(e)
+
+    def _still_wanted(self) -> bool:
+        with self._lock:
+            return self._cancel is None
+
+    def _arm_timer(self) -> None:
         if self.spec.timeout:
             self._timer = threading.Timer(self.spec.timeout, lambda: self.cancel(
                 reason=f"timed out after {_seconds(self.spec.timeout)}", failure=True))
             self._timer.daemon = True
             self._timer.start()
+
+    def _begin(self, links) -> None:
         if self.spec.retries:
             self.pool.hold_spare(self.run_id, self.name)
         self._start_attempt(links)
@@ -132,18 +177,18 @@ class ScheduledRun:
             self._cancel = (reason, failure)
             self._cancelled.set()
             current = self.current
-        if current is not None and not current.done.is_set():
+        if current is not None and current.status != "queued" and not current.done.is_set():
             current.cancel(reason=reason, failure=failure)
-        # else: between attempts; the next one sees the cancel and ends the run instead
+        # else: queued, or between attempts: the wait sees the cancel and ends the run instead
 
     def abort(self, error: BaseException) -> None:
         if self.current is not None:
             self.current.abort(error)
 
     # --- attempts ----------------------------------------------------------------------------
-    def _start_attempt(self, links) -> None:
+    def _attempt(self, links) -> LiveRun:
         spec = self.spec
-        live = LiveRun(
+        return LiveRun(
             store=self.store, pool=self.pool, seq=self.seq, run_id=self.run_id, name=self.name, code=spec.code,
             line_offset=spec.line_offset, inputs=spec.inputs, outputs=spec.outputs,
             explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, env=spec.env,
@@ -151,6 +196,10 @@ class ScheduledRun:
             checkpoint=self.store.last_checkpoint(self.seq) if self.attempt else None,
             will_retry=self._will_retry, after_end=self._attempt_ended,
         )
+
+    def _start_attempt(self, links) -> None:
+        spec = self.spec
+        live = self._attempt(links)
         with self._lock:
             self.current = live
         live.start()
@@ -183,7 +232,7 @@ class ScheduledRun:
             with self._lock:
                 if self._cancel is not None:
                     raise _Cancelled(*self._cancel)
-            links = self.pool.acquire(spec.nodes, f"{self.run_id}.{self.attempt}")
+            links = self.pool.acquire(spec.nodes, f"{self.run_id}.{self.attempt}", wanted=self._still_wanted)
             try:
                 compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
             except LeptonError:

@@ -14,7 +14,7 @@ from .config import Config
 from .errors import LeptonError
 from .liverun import LiveRun
 from .scheduler import RunSpec, ScheduledRun
-from .pool import Pool
+from .pool import Pool, PoolBusy
 from .run import Run
 from .store import Store
 
@@ -90,6 +90,10 @@ class Session:
         with self._lock:
             names = [backend] if backend else list(self.pools)
             pools = [self.pools[n] for n in names if n in self.pools and not self.pools[n].closed]
+        with self._lock:
+            queued = [live for live in self.live.values() if live.pool in pools and live.status == "queued"]
+        for live in queued:  # waiting for nodes of a pool that goes: they end with its reason
+            live.cancel(reason=reason)
         stopped = 0
         for pool in pools:
             stopped += len(pool.live_nodes)
@@ -256,26 +260,35 @@ class Session:
         return Run(self.store, seq, live, self)
 
     def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
-        """Nodes for a recorded run, checked, and its first attempt dispatched."""
+        """Nodes for a recorded run, checked, and its first attempt dispatched; or, when every
+        node the pool may hold is busy, the run queued for the next free ones."""
         try:
             links = pool.acquire(spec.nodes, run_id)
             compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
+        except PoolBusy as busy:
+            live = self._scheduled(pool, seq, run_id, name, spec)
+            live.start_queued(str(busy))
+            return live
         except LeptonError as e:
             if "links" in locals():
                 pool.release_run(run_id)
             self.store.update_run(seq, status="failed", ended=time.time(),
                                   error={"type": "LeptonError", "message": str(e)})
             raise
-        live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
-        with self._lock:
-            self.live[run_id] = live
-            self._last_live = live
-            self.last_seq = seq
+        live = self._scheduled(pool, seq, run_id, name, spec)
         try:
             live.start(links)
         except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
             live.abort(e)
             raise
+        return live
+
+    def _scheduled(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+        live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
+        with self._lock:
+            self.live[run_id] = live
+            self._last_live = live
+            self.last_seq = seq
         return live
 
     def _submit_detached(self, run_id: str, name: str | None, spec: RunSpec, record: dict,

@@ -143,3 +143,28 @@ def test_busy_nodes_are_not_released_while_a_run_goes_on_past_the_timeout(sessio
     assert run.wait(10).status == "succeeded"
     assert not wait_gone(agents, 5.0)  # then both go, the pool's min being 0
     assert [kind for kind, _ in pool_events(session, pool)] == ["pool_grow", "pool_shrink"]
+
+
+def test_runs_beyond_a_full_pool_wait_their_turn_and_a_queued_run_can_be_cancelled(session, lepton):
+    """At its max with every node busy, a run that fits the pool is queued (first come, first
+    served) instead of failing, starts on the nodes the first run frees, and can be cancelled
+    while it waits."""
+    lepton("up --min 0 --max 2")
+    first = session.submit("import time\ntime.sleep(3)\n", {}, nodes=2, name="first")
+    out = lepton("--nodes 1 --async --name second", "import time\nwhen = time.time()\n")
+    second = session.get_run("second")
+    assert "second is queued" in out and second.status == "queued"
+    third = session.submit("x = 1\n", {}, nodes=2, name="third")
+    assert third.status == "queued"
+    queued = [json.loads(d) for (d,) in session.store.execute(
+        "SELECT data FROM events WHERE run=? AND kind='queued'", (second.seq,))]
+    assert queued and "max of 2 nodes" in queued[0]["reason"], queued
+    third.cancel()
+    assert third.wait_done(5) and third.status == "cancelled"
+
+    first.wait(30)
+    second.wait(30)
+    assert second.status == "succeeded"
+    assert second.outputs["when"] >= session.store.run_row("first")["ended"] - 0.5
+    assert len(session.pool().live_nodes) == 2  # the queue never grew the pool past its max
+    assert session.store.run_row("third")["status"] == "cancelled"

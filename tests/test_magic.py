@@ -271,7 +271,8 @@ def test_attach_in_a_terminal_prints_the_summary(ip, run_cell):
 def test_cost_of_a_local_pool_is_zero(ip, run_cell):
     ip.run_line_magic("lepton", "up --nodes 1")
     cost = ip.run_line_magic("lepton", "cost")
-    assert list(cost.columns) == ["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far"]
-    assert (cost["dollars_per_hour"] == 0).all()
+    assert list(cost.columns) == ["pool", "backend", "nodes", "status", "dollars_per_hour", "cost_so_far",
+                                  "price_note"]
+    assert (cost["dollars_per_hour"] == 0).all() and (cost["price_note"] == "").all()
     result, _ = run_cell("%lepton up --nodes 1 --instance-type g5.xlarge")
     assert "go with --backend ec2" in str(result.error_in_exec)
