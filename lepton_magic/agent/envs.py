@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -126,6 +127,9 @@ def _last_error(lines: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    # The agent ignores SIGCHLD and that survives exec: without this, every child here would be
+    # reaped unseen and "exit" 0 (subprocess reads ECHILD as success).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     folder, spec = Path(argv[0]), Path(argv[1])
     try:
         ok, what = install(folder, spec)
