@@ -135,7 +135,7 @@ class RayCluster:
                 proc.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _gone, alive = psutil.wait_procs(procs, timeout=5)
+        _gone, alive = psutil.wait_procs(procs, timeout=2)  # a throwaway cluster: no need to wait long
         for proc in alive:
             try:
                 proc.kill()

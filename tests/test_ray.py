@@ -4,6 +4,7 @@ agents, real ranks. Skipped, saying why, where Ray is not installed."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -39,6 +40,9 @@ dist.all_reduce(total)
 for i in range(200):
     print("flood-marker", lepton.rank, i)
 seen = (lepton.rank, lepton.world_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
+blob = os.urandom(5 << 20)  # several drains' worth: comes back whole and in order
+import hashlib
+blob_sha = hashlib.sha256(blob).hexdigest()
 """
 
 
@@ -51,12 +55,17 @@ def _session(address: str) -> Session:
 
 
 @pytest.fixture(scope="module", params=["driver", "client"])
-def connected(request, ray_cluster):  # noqa: F811
+def connected(request, ray_cluster, tmp_path_factory):  # noqa: F811
     """A session whose ray pool reaches the cluster as a driver, or through Ray Client."""
     address = ray_cluster.address if request.param == "driver" else ray_cluster.client_address
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("notebook"))  # the folder remote nodes mirror: not the repo
     session = _session(address)
-    yield session
-    session.close()
+    try:
+        yield session
+    finally:
+        session.close()
+        os.chdir(here)
     assert not ray.is_initialized()  # the backend's connection closed with its pool
 
 
@@ -65,6 +74,7 @@ def test_ddp_cell_on_two_raylets_with_every_metric(connected, capfd):
     run.wait(120)
     assert run.outputs["total"].item() == 3.0  # 1 + 2: all_reduce across the two nodes
     assert run.outputs["seen"] == (0, 2, "")  # 0-GPU nodes see no GPU
+    assert hashlib.sha256(run.outputs["blob"]).hexdigest() == run.outputs["blob_sha"]
     metrics = run.metrics
     assert len(metrics) == 2 * 2 * STEPS  # every point of both ranks, none lost
     assert sorted(metrics.groupby("rank").size().tolist()) == [2 * STEPS, 2 * STEPS]
@@ -114,6 +124,21 @@ def test_gpu_request_on_cpu_cluster_fails_at_once_saying_why(connected):
         assert "\n" not in message
         pool_id = session.pools["ray"].id
         assert all(g["state"] == "REMOVED" for g in _groups_of(pool_id))  # nothing left reserved
+    finally:
+        session.close()
+
+
+def test_request_not_placed_in_time_gives_up_and_reserves_nothing(connected, capfd):
+    session = _session(connected.config["ray_address"])
+    session.config.set("ray_placement_timeout", "2.5s")
+    try:
+        connected.up("ray", 2)  # holds half the cluster's CPUs: 4 more cannot be placed now
+        with pytest.raises(LeptonError, match=r"Ray cannot place 4 node\(s\) of \{CPU: 1\} \(SPREAD\): "
+                                              r"not placed within 2.5 s \(ray_placement_timeout\); "
+                                              r"the cluster has \{CPU: 4"):
+            session.up("ray", 4)
+        assert "waiting for Ray: 0 of 4 bundles of {CPU: 1} placed" in capfd.readouterr().err
+        assert all(g["state"] == "REMOVED" for g in _groups_of(session.pools["ray"].id))
     finally:
         session.close()
 

@@ -115,7 +115,7 @@ class RayBackend(Backend):
                 _kill(ray, actor)
             self._remove_group(group)
             if isinstance(e, Exception):
-                raise LeptonError(f"the agent actors did not start on Ray: {ray_cluster._first_line(e)}") from None
+                raise LeptonError(f"the agent actors did not start on Ray: {ray_cluster.first_line(e)}") from None
             raise
         links = []
         entry = _Group(group, set(names))
@@ -151,8 +151,8 @@ class RayBackend(Backend):
         return self._actor_class.options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0, max_concurrency=64,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-            # Since ray #54868 an actor with num_gpus=0 sees every GPU; this restores hiding them.
-            runtime_env={"env_vars": {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}},
+            # No runtime_env: an actor with one needs a worker process of its own (seconds), one
+            # without takes a worker Ray started ahead. The agent's GPUs are set in the actor.
         ).remote()
 
     def _note_where(self, log_dir: str, name: str, placement: dict) -> None:

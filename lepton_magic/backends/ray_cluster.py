@@ -106,7 +106,7 @@ def _init(ray, address: str) -> None:
             shutil.rmtree(_Connection.local_dir, ignore_errors=True)
             _Connection.local_dir = None
         hint = "; start one, or use --address local for a throwaway cluster" if address == "auto" else ""
-        raise LeptonError(f"cannot connect to Ray at {address}: {_first_line(e)}{hint}") from None
+        raise LeptonError(f"cannot connect to Ray at {address}: {first_line(e)}{hint}") from None
 
 
 @contextmanager
@@ -126,7 +126,7 @@ def _quiet_home(home: Path):
                 os.environ[key] = value
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
@@ -153,7 +153,7 @@ def reserve(ray, count: int, bundle: dict, strategy: str, timeout: float, name: 
     group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=name)
     try:
         started = time.monotonic()
-        next_word = started + 3.0
+        next_word = started + 2.0
         while True:
             table = placement_group_table(group)
             state = table.get("state")
