@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 def make_project(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "models.py").write_text(
+        f"# {os.urandom(8).hex()}\n"  # new bytes every time: the node's blob cache outlives a test session
         "class Net:\n"
         "    def __init__(self, width=4):\n"
         "        self.width = width\n"
@@ -32,6 +33,7 @@ def make_project(folder: Path) -> Path:
         "        return [x * self.width for x in xs]\n")
     (folder / "data").mkdir(exist_ok=True)
     (folder / "data" / "train.csv").write_text("x,y\n" + "".join(f"{i},{2 * i}\n" for i in range(100)))
+    (folder / "data" / "seed.txt").write_text(os.urandom(8).hex())
     (folder / ".gitignore").write_text("scratch/\n*.log\n")
     (folder / "scratch").mkdir(exist_ok=True)
     (folder / "scratch" / "big.bin").write_bytes(b"\0" * 100_000)
@@ -69,7 +71,7 @@ def test_project_folder_travels_and_comes_back(sshd, tmp_path):
         assert "scratch" not in ns["seen"] and "debug.log" not in ns["seen"]  # .gitignore honoured
         assert ns["here"] != str(project) and "/.cache/lepton_magic/work/proj-" in ns["here"]
         first = sync_events(session, run)[-1]
-        assert first["files"] == 3 and first["sent_bytes"] > 0
+        assert first["files"] == 4 and first["sent_bytes"] > 0
 
         # Unchanged: the second run sends nothing.
         run2 = session.submit(CELL, ns, nodes=2, workdir=str(project)).wait(timeout=120)
@@ -81,9 +83,9 @@ def test_project_folder_travels_and_comes_back(sshd, tmp_path):
 
         # One file changed: only it travels.
         (project / "models.py").write_text((project / "models.py").read_text() + "\nVERSION = 2\n")
-        run3 = session.submit("from models import VERSION\n", ns, nodes=2, workdir=str(project)).wait(timeout=120)
+        run3 = session.submit("from models import VERSION\nversion = VERSION\n", ns, nodes=2, workdir=str(project)).wait(timeout=120)
         assert run3.status == "succeeded", run3.error
-        assert ns["VERSION"] == 2
+        assert ns["version"] == 2
         third = sync_events(session, run3)[-1]
         assert 0 < third["sent_bytes"] <= 2 * (project / "models.py").stat().st_size
         # A file removed from the project goes from the mirror; what the ranks wrote stays.
@@ -136,7 +138,7 @@ def test_size_cap_lists_the_largest_files(tmp_path):
     assert "scratch" not in str(e.value)  # ignored files do not count
     config.set("workdir_exclude", "*.bin")
     plan = workdir.plan_run(config, True, None, {}, [], workdir=str(project))
-    assert sorted(plan.files) == [".gitignore", "data/train.csv", "models.py"]
+    assert sorted(plan.files) == [".gitignore", "data/seed.txt", "data/train.csv", "models.py"]
 
 
 def test_a_missing_workdir_is_one_line(tmp_path):
