@@ -51,7 +51,8 @@ class LiveRun:
                  nodes: list[NodeLink], gpus: int | None, env: dict[str, str],
                  on_done: list[Callable[["LiveRun"], None]], preload: bool = True, attempt: int = 0,
                  checkpoint: bytes | None = None, will_retry: Callable[["LiveRun"], bool] | None = None,
-                 after_end: Callable[["LiveRun"], None] | None = None):
+                 after_end: Callable[["LiveRun"], None] | None = None, trial: int | None = None,
+                 params: dict | None = None):
         self.store = store
         self.pool = pool
         self.seq = seq
@@ -87,6 +88,8 @@ class LiveRun:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.checkpoint_blob = checkpoint
+        self.trial = trial
+        self.params = params
         self.transfer: dict | None = None
         self._finishing = False
         self.rank_pids: dict[int, int] = {}
@@ -146,6 +149,7 @@ class LiveRun:
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
                     "env": self.env, "checkpoint": self.checkpoint_blob, "attempt": self.attempt,
+                    "trial": self.trial, "params": self.params,
                     "preload": self.preload,
                     "cwd": cwd,
                     "shm_dir": self.pool.backend.shared_memory_dir(),

@@ -71,6 +71,20 @@ def _env_pair(text: str) -> tuple[str, str]:
           help="start again on healthy nodes when a node or a rank is lost, up to N times (from the last checkpoint)")
 @argument("--retry-on-error", action="store_true", help="retry when the cell itself raises, too")
 @argument("--instance-type", default=None, help="ec2: the instance type of a new pool (e.g. g5.xlarge)")
+@argument("--sweep", default=None,
+          help='a hyper-parameter sweep: "lr=[1e-3,1e-2]; width=choice(64,128); p=uniform(0,0.5)"')
+@argument("--trials", type=_arg_type(parse_count, "--trials"), default=None,
+          help="sweep: how many trials (a grid's size by default)")
+@argument("--objective", default=None, help='sweep: "min val_loss" or "max acc" (default: min of the first metric)')
+@argument("--sampler", default=None, help="sweep: tpe, random or grid")
+@argument("--seed", type=_arg_type(parse_count, "--seed", 0), default=None, help="sweep: the sampler's seed")
+@argument("--parallel", type=_arg_type(parse_count, "--parallel"), default=None,
+          help="sweep: trials at once (default: the nodes ÷ nodes per trial)")
+@argument("--nodes-per-trial", type=_arg_type(parse_count, "--nodes-per-trial"), default=None,
+          help="sweep: nodes of each trial's world (default 1)")
+@argument("--prune", default=None, help="sweep: median, asha or none")
+@argument("--study", default=None, help="sweep: keep the study under this name; a later sweep continues it")
+@argument("--fail-fast", action="store_true", help="sweep: stop at the first failed trial")
 def _cell_args(line, cell):
     """%%lepton [options]: run this cell on N nodes as a torch.distributed job."""
 
@@ -154,6 +168,35 @@ def _parse(parser_func, line: str):
         raise
 
 
+SWEEP_OPTIONS = ("trials", "objective", "sampler", "seed", "parallel", "nodes_per_trial", "prune", "study", "fail_fast")
+
+
+def _sweep_spec(args):
+    """The sweep options read and checked together (before any node is used); None without --sweep."""
+    given = [name for name in SWEEP_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.sweep is None:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} goes with --sweep")
+        return None
+    if args.detach:
+        raise UsageError("--detach does not go with --sweep: a sweep is driven by its kernel")
+    if args.nodes and args.nodes_per_trial and args.nodes < args.nodes_per_trial:
+        raise UsageError(f"--nodes {args.nodes} is fewer than --nodes-per-trial {args.nodes_per_trial}")
+    from .sweeps.space import make_spec
+
+    return make_spec(_unquoted(args.sweep), trials=args.trials, sampler=_unquoted(args.sampler),
+                     objective=_unquoted(args.objective), seed=args.seed, parallel=args.parallel,
+                     nodes_per_trial=args.nodes_per_trial, prune=_unquoted(args.prune), study=_unquoted(args.study),
+                     fail_fast=args.fail_fast)
+
+
+def _unquoted(text: str | None) -> str | None:
+    """IPython's magic argument splitter keeps the quotes around a quoted value."""
+    if text is not None and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def _no_options(command: str, rest: str) -> None:
     if rest.strip():
         raise UsageError(f"{command} takes no options")
@@ -211,6 +254,7 @@ class LeptonMagics(Magics):
         if args.instance_type and backend != "ec2":
             raise UsageError("--instance-type goes with --backend ec2")
         try:
+            sweep = _sweep_spec(args)
             if args.instance_type:
                 cellcode.check_syntax(cell)  # before any instance is launched
                 self.session.up(backend, args.nodes, ec2_instance_type=args.instance_type)
@@ -218,7 +262,7 @@ class LeptonMagics(Magics):
                 cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
                 name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,
                 env=dict(args.env), retries=args.retries, retry_on_error=args.retry_on_error,
-                detach=args.detach,
+                detach=args.detach, sweep=sweep,
             )
         except (cellcode.CellSyntaxError, LeptonError) as e:
             raise UsageError(str(e)) from None

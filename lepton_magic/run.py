@@ -215,6 +215,44 @@ class Run:
         """Outputs that could not come back, and why."""
         return dict(self._live.skipped) if self._live is not None else {}
 
+    # --- sweeps ----------------------------------------------------------------------------
+    @property
+    def is_sweep(self) -> bool:
+        """A ``%%lepton --sweep`` run: its trials are runs of their own under it."""
+        return bool(self._row().get("sweep"))
+
+    @property
+    def trials(self) -> "pd.DataFrame":
+        """One row per trial: its parameters, status (succeeded, failed, pruned, cancelled),
+        nodes, start, duration, objective, pruned_at_step, last_ and best_ of each metric."""
+        from .sweeps.studies import trials_frame
+
+        return trials_frame(self._store, self.seq)
+
+    @property
+    def best(self) -> dict | None:
+        """The best trial: {"trial", "params", "objective", "run"}; None until one succeeded."""
+        if self._live is not None and getattr(self._live, "best", None) is not None:
+            return dict(self._live.best)
+        return json.loads(self._row()["sweep"] or "{}").get("best")
+
+    def trial(self, number: int) -> "Run":
+        """Trial ``number`` of this sweep as a Run of its own (metrics, logs, outputs)."""
+        rows = self._store.execute("SELECT seq FROM runs WHERE parent=? AND trial=?", (self.seq, number))
+        if not rows:
+            raise LeptonError(f"{self.name} has no trial {number}")
+        live = self._session._live_run(self._store.run_row(rows[0][0])["id"]) if self._session else None
+        return Run(self._store, rows[0][0], live, self._session)
+
+    @property
+    def study(self):
+        """The optuna.Study of this sweep (``optuna.visualization.matplotlib`` plots work on it)."""
+        if self._live is not None and getattr(self._live, "study", None) is not None:
+            return self._live.study
+        from .sweeps.studies import study_of
+
+        return study_of(self._store, self.seq)
+
     def logs(self, rank: int | None = None) -> str:
         """Everything the ranks printed; prefixed by rank unless one rank is asked for."""
         rows = self._store.logs_since(self.seq, 0, rank)

@@ -44,6 +44,9 @@ class RunSpec:
     retries: int = 0
     retry_on_error: bool = False
     timeout: float | None = None
+    #: A sweep's trial: its number and its parameters (plain variables of the cell on the nodes).
+    trial: int | None = None
+    params: dict | None = None
     on_done: list[Callable] = field(default_factory=list)
 
 
@@ -75,6 +78,11 @@ class ScheduledRun:
     @property
     def outputs(self) -> dict:
         return self.current.outputs
+
+    def drop_outputs(self) -> None:
+        """Free the outputs held in memory (they stay in the store's outputs file)."""
+        if self.current is not None:
+            self.current.outputs = {}
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -192,7 +200,7 @@ class ScheduledRun:
             store=self.store, pool=self.pool, seq=self.seq, run_id=self.run_id, name=self.name, code=spec.code,
             line_offset=spec.line_offset, inputs=spec.inputs, outputs=spec.outputs,
             explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, env=spec.env,
-            on_done=spec.on_done, preload=spec.preload, attempt=self.attempt,
+            on_done=spec.on_done, preload=spec.preload, attempt=self.attempt, trial=spec.trial, params=spec.params,
             checkpoint=self.store.last_checkpoint(self.seq) if self.attempt else None,
             will_retry=self._will_retry, after_end=self._attempt_ended,
         )

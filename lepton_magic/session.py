@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import secrets
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import cellcode, compat, kernel_shutdown, owners, values
 from .config import Config
@@ -17,6 +18,9 @@ from .scheduler import RunSpec, ScheduledRun
 from .pool import Pool, PoolBusy
 from .run import Run
 from .store import Store
+
+if TYPE_CHECKING:
+    from .sweeps.space import SweepSpec
 
 
 class Session:
@@ -202,6 +206,7 @@ class Session:
         line_offset: int = cellcode.MAGIC_LINE_OFFSET,
         bind: bool = True,
         detach: bool = False,
+        sweep: "SweepSpec | None" = None,
         on_done: Callable[[LiveRun], None] | None = None,
     ) -> Run:
         """Run ``code`` on ``nodes`` nodes; returns at once with the Run (see ``Run.wait``).
@@ -216,6 +221,7 @@ class Session:
         namespace = {} if namespace is None else namespace
         tree = cellcode.check_syntax(code, line_offset)
         backend = backend or self.config["backend"]
+        nodes_given = nodes
         nodes = nodes or self.config["nodes"]
         self._check_node_count(nodes)
         gpus = gpus if gpus is not None else self.config["gpus"]
@@ -225,7 +231,8 @@ class Session:
         timeout = timeout if timeout is not None else self.config["timeout"]
         retries = retries if retries is not None else self.config["retries"]
         if inputs is None:
-            input_names = [n for n in cellcode.free_names(tree) if n in namespace]
+            swept = set(sweep.names) if sweep is not None else set()  # each trial's own values win
+            input_names = [n for n in cellcode.free_names(tree) if n in namespace and n not in swept]
         else:
             missing = [n for n in inputs if n not in namespace]
             if missing:
@@ -247,6 +254,9 @@ class Session:
                       env=env or {}, retries=retries)
         if detach:
             return self._submit_detached(run_id, name, spec, record, namespace if bind else None)
+        if sweep is not None:
+            return self._submit_sweep(run_id, name, spec, record, sweep, nodes_given,
+                                      namespace if bind else None, on_done)
 
         pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
         seq, name = self.store.add_run(run_id, name, pool=pool.id, **record)
@@ -259,14 +269,14 @@ class Session:
         live = self._start(pool, seq, run_id, name, spec)
         return Run(self.store, seq, live, self)
 
-    def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+    def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec, last: bool = True) -> ScheduledRun:
         """Nodes for a recorded run, checked, and its first attempt dispatched; or, when every
         node the pool may hold is busy, the run queued for the next free ones."""
         try:
             links = pool.acquire(spec.nodes, run_id)
             compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
         except PoolBusy as busy:
-            live = self._scheduled(pool, seq, run_id, name, spec)
+            live = self._scheduled(pool, seq, run_id, name, spec, last)
             live.start_queued(str(busy))
             return live
         except LeptonError as e:
@@ -275,7 +285,7 @@ class Session:
             self.store.update_run(seq, status="failed", ended=time.time(),
                                   error={"type": "LeptonError", "message": str(e)})
             raise
-        live = self._scheduled(pool, seq, run_id, name, spec)
+        live = self._scheduled(pool, seq, run_id, name, spec, last)
         try:
             live.start(links)
         except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
@@ -283,13 +293,62 @@ class Session:
             raise
         return live
 
-    def _scheduled(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+    def _scheduled(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec,
+                   last: bool = True) -> ScheduledRun:
         live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
+        with self._lock:
+            self.live[run_id] = live
+            if last:
+                self._last_live = live
+                self.last_seq = seq
+        return live
+
+    def _submit_sweep(self, run_id: str, name: str | None, spec: RunSpec, record: dict, sweep: "SweepSpec",
+                      nodes_given: int | None, namespace: dict | None, on_done) -> Run:
+        """A sweep: its own row, and a driver that runs each trial as a run under it (sweeps/)."""
+        from .sweeps.driver import SweepRun
+
+        per_trial = sweep.nodes_per_trial
+        self._check_node_count(per_trial)
+        pool = self.up(record["backend"], 0)
+        if sweep.parallel:
+            parallel = sweep.parallel
+        else:  # the nodes given, else the pool's free ones, shared out among trials
+            budget = nodes_given or max(len(pool.live_nodes) - len(pool.busy), self.config["nodes"])
+            parallel = max(1, budget // per_trial)
+        if pool.max_nodes:
+            parallel = min(parallel, max(1, pool.max_nodes // per_trial))
+        parallel = min(parallel, sweep.trials)
+        self._check_node_count(parallel * per_trial)
+        seq, name = self.store.add_run(run_id, name, pool=pool.id, **{**record, "nodes": parallel * per_trial},
+                                       sweep=sweep.describe())
+        pool.ensure(parallel * per_trial)  # the nodes start together, not trial by trial
+        callbacks: list[Callable] = [self._forget]
+        if namespace is not None:  # the best trial's outputs
+            callbacks.append(lambda live: self._queue_binding(namespace, live))
+        if on_done is not None:
+            callbacks.append(on_done)
+        base = dataclasses.replace(spec, nodes=per_trial)
+        live = SweepRun(session=self, pool=pool, seq=seq, run_id=run_id, name=name, spec=sweep, base=base,
+                        parallel=parallel, on_done=callbacks)
         with self._lock:
             self.live[run_id] = live
             self._last_live = live
             self.last_seq = seq
-        return live
+        try:
+            live.start()
+        except Exception as e:
+            self.store.update_run(seq, status="failed", ended=time.time(),
+                                  error={"type": "LeptonError", "message": str(e)})
+            with self._lock:
+                self.live.pop(run_id, None)
+            raise
+        return Run(self.store, seq, live, self)
+
+    def start_trial(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+        """One trial of a sweep: an ordinary run (queued when the pool is busy), not the last run."""
+        spec.on_done = [self._forget, *spec.on_done]
+        return self._start(pool, seq, run_id, name, spec, last=False)
 
     def _submit_detached(self, run_id: str, name: str | None, spec: RunSpec, record: dict,
                          namespace: dict | None) -> Run:
@@ -395,8 +454,9 @@ class Session:
         import pandas as pd
 
         df = self.store.frame(
-            "SELECT id, name, status, backend, nodes, world_size, created, started, ended, reason, "
-            "detached, owner_pid FROM runs ORDER BY seq DESC"
+            "SELECT r.id, r.name, r.status, r.backend, r.nodes, r.world_size, r.created, r.started, r.ended, "
+            "r.reason, r.detached, p.name AS sweep, r.trial, r.owner_pid FROM runs r "
+            "LEFT JOIN runs p ON p.seq = r.parent ORDER BY r.seq DESC"
         )
         for _i, row in df.iterrows():
             if row["status"] not in ("succeeded", "failed", "cancelled") and row["id"] not in self.live:

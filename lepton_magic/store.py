@@ -87,6 +87,12 @@ MIGRATIONS = [
     ("metrics", "attempt", "INTEGER NOT NULL DEFAULT 0"),
     ("runs", "retries", "INTEGER"),
     ("runs", "detached", "INTEGER NOT NULL DEFAULT 0"),
+    # sweeps: the sweep's own row holds its spec; each trial is a run of its own under it
+    ("runs", "sweep", "TEXT"),
+    ("runs", "parent", "INTEGER"),
+    ("runs", "trial", "INTEGER"),
+    ("runs", "params", "TEXT"),
+    ("runs", "pruned_step", "INTEGER"),
 ]
 
 #: What a run whose kernel is gone reads as, and why.

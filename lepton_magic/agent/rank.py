@@ -59,6 +59,7 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         send=writer.send,
         checkpoint_blob=job.get("checkpoint"),
         attempt=job.get("attempt", 0),
+        trial=job.get("trial"),
     )
     signal.signal(signal.SIGTERM, lambda *_: _terminate(lepton))
     _on_preempting(lambda: lepton._notice_preemption())
@@ -76,6 +77,8 @@ def run_job(job: dict, writer: FrameWriter) -> int:
             namespace.update(values.loads(blob))
         except Exception as e:
             return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ")
+    # A sweep's trial: its parameters are plain variables of the cell, as if the notebook had them.
+    namespace.update(job.get("params") or {})
 
     source = padded_source(job["code"], job["line_offset"])
     linecache.cache[CELL_FILENAME] = (len(source), None, source.splitlines(True), CELL_FILENAME)

@@ -35,6 +35,7 @@ class Lepton:
         send: Callable[[dict], None],
         checkpoint_blob: bytes | None = None,
         attempt: int = 0,
+        trial: int | None = None,
     ):
         self.run = run
         self.rank = rank
@@ -43,6 +44,8 @@ class Lepton:
         self.node = node
         self.node_rank = node_rank
         self.attempt = attempt
+        #: The trial number in a sweep (``%%lepton --sweep``); None outside one.
+        self.trial = trial
         self._send = send
         self._checkpoint_blob = checkpoint_blob
         self._points: deque[tuple[int, float, dict]] = deque()

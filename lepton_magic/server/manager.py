@@ -94,7 +94,8 @@ class LeptonManager:
         return self.store.pool_events(pool_id, POOL_EVENTS)
 
     def runs(self, limit: int = 50) -> list[dict]:
-        rows = self.store.query("SELECT * FROM runs ORDER BY seq DESC LIMIT ?", (limit,))
+        # A sweep's trials are runs of their own; the list shows the sweep, with its trial counts.
+        rows = self.store.query("SELECT * FROM runs WHERE parent IS NULL ORDER BY seq DESC LIMIT ?", (limit,))
         with self._views_lock:
             return [self._summary(row) for row in rows]
 
@@ -138,7 +139,20 @@ class LeptonManager:
             "duration": ((row["ended"] or now) - row["started"]) if row["started"] else None,
             "last_step": view.header.step if view.header else None, "sparkline": spark, "metric": metric,
             "owner_pid": row["owner_pid"], "error": error, "cost": row.get("cost"), "reason": row["reason"],
+            "sweep": self._sweep(row) if row.get("sweep") else None,
         }
+
+    def _sweep(self, row: dict) -> dict:
+        """A sweep's trials by status, its objective and its best trial so far."""
+        from ..sweeps.studies import trial_status
+
+        spec = json.loads(row["sweep"])
+        counts: dict[str, int] = {}
+        for child in self.store.query("SELECT status, reason, pruned_step FROM runs WHERE parent=?", (row["seq"],)):
+            status = trial_status(child)
+            counts[status] = counts.get(status, 0) + 1
+        return {"trials": spec.get("trials"), "counts": counts, "objective": spec.get("objective"),
+                "direction": spec.get("direction"), "best": spec.get("best")}
 
     def _effective_run(self, row: dict) -> dict:
         """The run as the answer shows it: one whose kernel died has failed, and ended when it

@@ -130,6 +130,12 @@ def _stop(run: Run, panel, handle) -> None:
 def _panel(run: Run):
     """A panel on ``run``, drawn once. The kernel running the run takes new points straight
     from the store's writer."""
+    if run.is_sweep:
+        from .sweep_panel import SweepPanel, SweepView
+
+        panel = SweepPanel(SweepView(run.store, run.seq), on_cancel=run.cancel)
+        panel.update(force=True)
+        return panel
     from .model import RunView
     from .panel import RunPanel
 

@@ -30,7 +30,7 @@ STATIC_METRICS = 4
 STATUS_COLOURS = {
     "queued": "#777", "starting": "#b58900", "running": "#268bd2", "succeeded": "#2e8b57",
     "failed": "#cb4b16", "cancelled": "#6c71c4", "done": "#2e8b57", "lost": "#dc322f",
-    "ready": "#2e8b57", "released": "#777",
+    "ready": "#2e8b57", "released": "#777", "pruned": "#93a1a1",
 }
 
 

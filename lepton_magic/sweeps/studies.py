@@ -1,0 +1,151 @@
+"""The Optuna study behind a sweep, and what a finished sweep reads back from the store.
+
+``--study NAME`` keeps the study in an Optuna storage under LEPTON_HOME (``studies.sqlite``, as
+private as the store), so a later sweep — in this kernel or a new one — continues it. Without a
+name the study lives with the run; once the run is over (or in another process) it is rebuilt
+from the store, where every trial is a run with its parameters and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import private
+from .space import SweepSpec
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+    from ..store import Store
+
+STUDIES_FILE = "studies.sqlite"
+
+
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)  # a line per trial would drown the notebook
+    return optuna
+
+
+def storage_url(store: "Store") -> str:
+    path = Path(store.home) / STUDIES_FILE
+    if not path.exists():
+        private.make_file(path)
+    return f"sqlite:///{path}"
+
+
+def _sampler(spec: SweepSpec):
+    optuna = _optuna()
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.sampler == "grid":  # the driver enqueues each grid point itself (longest first)
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+def _pruner(spec: SweepSpec):
+    optuna = _optuna()
+    if spec.prune == "median":
+        # Two finished trials make a median worth comparing against; from the first report on.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if spec.prune == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def open_study(store: "Store", spec: SweepSpec) -> "optuna.Study":
+    optuna = _optuna()
+    direction = spec.objective.direction
+    if spec.study:
+        return optuna.create_study(study_name=spec.study, storage=storage_url(store), load_if_exists=True,
+                                   direction=direction, sampler=_sampler(spec), pruner=_pruner(spec))
+    return optuna.create_study(direction=direction, sampler=_sampler(spec), pruner=_pruner(spec))
+
+
+def study_of(store: "Store", seq: int) -> "optuna.Study":
+    """The study of a finished (or another process's) sweep: loaded from its storage when it was
+    named, else rebuilt from the trials in the store."""
+    optuna = _optuna()
+    row = store.run_row(seq)
+    sweep = json.loads(row["sweep"] or "{}")
+    if sweep.get("study"):
+        return optuna.load_study(study_name=sweep["study"], storage=storage_url(store))
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(direction=sweep.get("direction") or "minimize")
+    metric = sweep.get("objective")
+    distributions = {k: json_to_distribution(v) for k, v in (sweep.get("distributions") or {}).items()}
+    for child in trial_rows(store, seq):
+        params = json.loads(child["params"] or "{}")
+        value = _last(store, child["seq"], metric) if metric else None
+        if child["status"] == "succeeded" and value is not None and not math.isnan(value):
+            state = TrialState.COMPLETE
+        elif child["pruned_step"] is not None:
+            state = TrialState.PRUNED
+        else:
+            state, value = TrialState.FAIL, None
+        study.add_trial(create_trial(params=params, distributions=distributions, value=value, state=state))
+    return study
+
+
+def trial_rows(store: "Store", seq: int) -> list[dict]:
+    return store.query("SELECT * FROM runs WHERE parent=? ORDER BY trial", (seq,))
+
+
+def _last(store: "Store", seq: int, metric: str) -> float | None:
+    rows = store.execute("SELECT value FROM metrics WHERE run=? AND rank=0 AND name=? "
+                         "ORDER BY step DESC, rowid DESC LIMIT 1", (seq, metric))
+    if not rows:
+        return None
+    return math.nan if rows[0][0] is None else float(rows[0][0])
+
+
+def trial_status(row: dict) -> str:
+    """succeeded, failed, pruned, cancelled, or still queued/starting/running."""
+    if row["pruned_step"] is not None or (row["reason"] or "").startswith("pruned at step"):
+        return "pruned"
+    return row["status"]
+
+
+def trials_frame(store: "Store", seq: int) -> "pd.DataFrame":
+    """One row per trial: trial, each parameter, status, nodes, started, duration, objective,
+    pruned_at_step, and the last and best (the objective's way) of every metric rank 0 logged."""
+    import pandas as pd
+
+    row = store.run_row(seq)
+    sweep = json.loads(row["sweep"] or "{}")
+    names = sweep.get("names") or []
+    metric = sweep.get("objective")
+    maximize = sweep.get("direction") == "maximize"
+    children = trial_rows(store, seq)
+    records = []
+    for child in children:
+        params = json.loads(child["params"] or "{}")
+        nodes = [n for (n,) in store.execute("SELECT node FROM run_nodes WHERE run=? ORDER BY node", (child["seq"],))]
+        record = {"trial": child["trial"], **{n: params.get(n) for n in names}, "status": trial_status(child),
+                  "nodes": nodes, "started": child["started"],
+                  "duration": ((child["ended"] or 0) - child["started"]) if child["started"] and child["ended"] else None,
+                  "objective": _last(store, child["seq"], metric) if metric else None,
+                  "pruned_at_step": child["pruned_step"], "run": child["name"]}
+        stats = store.execute(
+            "SELECT name, value FROM metrics WHERE run=? AND rank=0 ORDER BY step, rowid", (child["seq"],))
+        per_metric: dict[str, list] = {}
+        for name, value in stats:
+            per_metric.setdefault(name, []).append(math.nan if value is None else value)
+        for name, points in per_metric.items():
+            finite = [v for v in points if not math.isnan(v)]
+            record[f"last_{name}"] = points[-1]
+            record[f"best_{name}"] = (max(finite) if maximize else min(finite)) if finite else math.nan
+        records.append(record)
+    df = pd.DataFrame(records)
+    if len(df):
+        df["started"] = pd.to_datetime(df["started"], unit="s", utc=True)
+        df = df.set_index("trial")
+    return df

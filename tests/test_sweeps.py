@@ -1,0 +1,208 @@
+"""Sweeps across the pool (``%%lepton --sweep``), on real local nodes: trials see their own
+parameters, run ``parallel`` at a time, report to Optuna's pruner, fail alone, and come back as
+run.trials / run.best / run.study; a named study goes on in a later session."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+from lepton_magic.magics import LeptonMagics
+from lepton_magic.session import Session
+from lepton_magic.store import Store
+from lepton_magic.sweeps.space import make_spec
+
+SEEN = """import time
+lepton.log(step=0, lr_seen=lr, width_seen=width, trial_seen=lepton.trial)
+for step in range(1, 6):
+    lepton.log(step=step, loss=(lr - 0.01) ** 2 * 1e4 + width / 1000 + 1.0 / step)
+    time.sleep(0.05)
+model = {"lr": lr, "width": width, "trial": lepton.trial}
+"""
+
+
+@pytest.fixture
+def session(tmp_path):
+    session = Session(store=Store(tmp_path / "home"))
+    yield session
+    session.down()
+
+
+@pytest.fixture
+def lepton(ip, session, capsys):
+    magics = LeptonMagics(ip, session)
+
+    def run(line, cell=None):
+        magics.lepton(line, cell)
+        return capsys.readouterr().out
+
+    return run
+
+
+def _intervals(session, run) -> list[tuple[float, float]]:
+    return [(r["started"], r["ended"]) for r in session.store.query(
+        "SELECT started, ended FROM runs WHERE parent=? ORDER BY trial", (run.seq,))]
+
+
+def _most_at_once(intervals) -> int:
+    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, delta in edges:
+        now += delta
+        most = max(most, now)
+    return most
+
+
+def test_a_grid_of_six_trials_runs_two_at_a_time_and_binds_the_best(session, ip):
+    namespace: dict = {"lr": 123.0}  # the notebook's own lr must not leak into the trials
+    run = session.submit(SEEN, namespace, nodes=2, sweep=make_spec("lr=[1e-3,1e-2,1e-1]; width=[64,128]",
+                                                                    objective="min loss"))
+    run.wait(120)
+    assert run.status == "succeeded"
+    trials = run.trials
+    assert len(trials) == 6 and set(trials["status"]) == {"succeeded"}
+    assert sorted(zip(trials["lr"], trials["width"])) == sorted(
+        (lr, w) for lr in (1e-3, 1e-2, 1e-1) for w in (64, 128))
+    for number, row in trials.iterrows():  # each trial saw exactly its own parameters
+        assert (row["last_lr_seen"], row["last_width_seen"], row["last_trial_seen"]) == (row["lr"], row["width"], number)
+    assert _most_at_once(_intervals(session, run)) == 2
+    assert {n for nodes in trials["nodes"] for n in nodes} == {"local-0", "local-1"}
+    best = run.best
+    assert best["params"] == {"lr": 0.01, "width": 64}
+    assert namespace["model"] == {"lr": 0.01, "width": 64, "trial": best["trial"]}
+    assert run.study.best_params == {"lr": 0.01, "width": 64}
+    assert run.trial(best["trial"]).outputs["model"]["trial"] == best["trial"]
+    listed = session.runs()
+    assert (listed["sweep"] == run.name).sum() == 6
+
+
+def test_a_seeded_random_search_draws_the_same_parameters_twice(session):
+    spec = "lr=loguniform(1e-4,1e-1); width=choice(64,128,256); p=uniform(0,0.5)"
+    code = "lepton.log(step=0, loss=lr * width + p)\n"
+    drawn = []
+    for _ in range(2):
+        run = session.submit(code, {}, nodes=2, sweep=make_spec(spec, trials=5, sampler="random", seed=7))
+        run.wait(120)
+        assert run.status == "succeeded"
+        drawn.append(run.trials[["lr", "width", "p"]].to_dict("records"))
+    assert drawn[0] == drawn[1]
+    assert all(1e-4 <= r["lr"] <= 1e-1 and r["width"] in (64, 128, 256) and 0 <= r["p"] <= 0.5 for r in drawn[0])
+
+
+PRUNED = """import math, time
+for step in range(30):
+    if lr >= 1.0:  # a learning rate that diverges
+        loss = math.exp(step) if step < 3 else float("nan")
+    else:
+        loss = 1.0 / (step + 1) + lr
+    lepton.log(step=step, loss=loss)
+    time.sleep(0.05)
+"""
+
+
+def test_pruning_stops_diverging_trials_early_and_their_nodes_take_the_next(session):
+    run = session.submit(PRUNED, {}, nodes=2, sweep=make_spec(
+        "lr=[0.01, 0.02, 5.0, 0.03, 8.0, 0.04]", prune="median", objective="min loss"))
+    run.wait(120)
+    assert run.status == "succeeded"
+    trials = run.trials
+    bad = trials[trials["lr"] >= 1.0]
+    assert set(bad["status"]) == {"pruned"}, trials[["lr", "status", "pruned_at_step"]]
+    assert (bad["pruned_at_step"] < 29).all()
+    assert (bad["duration"] < trials[trials["status"] == "succeeded"]["duration"].min()).all()
+    # Median pruning also stops a sound trial that does worse than the median of those before it.
+    assert (trials["status"] == "succeeded").sum() >= 2 and set(trials[trials["lr"] < 1.0]["status"]) <= {
+        "succeeded", "pruned"}
+    assert run.best["params"] == {"lr": 0.01}
+    assert sum(t.state.name == "PRUNED" for t in run.study.trials) == (trials["status"] == "pruned").sum()
+
+
+def test_a_failing_trial_is_recorded_and_the_others_finish(session):
+    code = "if x == 2:\n    raise ValueError('bad x')\nlepton.log(step=0, score=x)\n"
+    run = session.submit(code, {}, nodes=2, sweep=make_spec("x=[1,2,3]", objective="max score"))
+    run.wait(60)
+    assert run.status == "succeeded"
+    trials = run.trials.set_index("x")
+    assert trials.loc[2, "status"] == "failed" and set(trials.loc[[1, 3], "status"]) == {"succeeded"}
+    assert run.best["params"] == {"x": 3}
+    assert "ValueError" in run.trial(int(trials.loc[2, "run"].rsplit("t", 1)[1])).error.type_name
+
+    stopped = session.submit("import time\ntime.sleep(0.2 * x)\nif x == 1:\n    raise ValueError('no')\n",
+                             {}, nodes=1, sweep=make_spec("x=[1,2,3,4]", fail_fast=True))
+    with pytest.raises(Exception, match="no"):
+        stopped.wait(60)
+    assert stopped.status == "failed"
+    assert len(stopped.trials) < 4  # nothing more was started
+
+
+def test_cancelling_a_sweep_stops_its_trials_and_starts_no_more(session):
+    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, sweep=make_spec("x=[1,2,3,4,5]"))
+    deadline = time.monotonic() + 30
+    while len(session.store.query("SELECT 1 FROM runs WHERE parent=? AND status='running'", (run.seq,))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    run.cancel()
+    assert run.wait_done(20) and run.status == "cancelled"
+    trials = run.trials
+    assert len(trials) == 2 and set(trials["status"]) == {"cancelled"}
+
+
+def test_a_named_study_goes_on_in_a_later_session(tmp_path):
+    home = tmp_path / "home"
+    code = "lepton.log(step=0, loss=(lr - 0.3) ** 2)\n"
+    first = Session(store=Store(home))
+    try:
+        run = first.submit(code, {}, nodes=1, sweep=make_spec("lr=uniform(0,1)", trials=3, seed=1, study="tuning"))
+        run.wait(60)
+        assert len(run.study.trials) == 3
+    finally:
+        first.close()
+    later = Session(store=Store(home))  # a fresh kernel: the study lives in LEPTON_HOME
+    try:
+        run = later.submit(code, {}, nodes=1, sweep=make_spec("lr=uniform(0,1)", trials=2, study="tuning"))
+        run.wait(60)
+        study = run.study
+        assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+        assert sorted(run.trials.index) == [3, 4]
+        assert json.loads(later.store.run_row(run.seq)["sweep"])["study"] == "tuning"
+    finally:
+        later.close()
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('--sweep "lr=[1,2]" --trials 0', "--trials takes a positive whole number"),
+    ('--sweep "lr=logunif(1,2)"', "unknown distribution 'logunif'; accepted: [a, b, ...], choice("),
+    ('--sweep "lr=uniform(0,1)"', "a sweep over ranges (lr) needs --trials N"),
+    ('--sweep "lr=uniform(0,1)" --trials 3 --sampler grid', "--sampler grid needs listed values"),
+    ('--sweep "lr=[1,1]"', "a value is listed twice"),
+    ('--sweep "lr 1"', "--sweep takes name=values parts separated by ';'"),
+    ('--sweep "lr=[1,2]" --objective "lowest loss"', '--objective takes "min METRIC" or "max METRIC"'),
+    ('--sweep "lr=[1,2]" --prune sometimes', "--prune takes median, asha, none"),
+    ('--trials 4', "--trials goes with --sweep"),
+    ('--sweep "lr=[1,2]" --detach', "--detach does not go with --sweep"),
+    ('--sweep "lr=uniform(1,0)" --trials 2', "low must be below high"),
+    ('--sweep "lr=[__import__(\'os\')]"', "is not a literal value"),
+])
+def test_bad_sweep_options_get_one_clear_line(lepton, session, line, expected):
+    before = session.store.execute("SELECT COUNT(*) FROM runs")[0][0]
+    with pytest.raises(UsageError) as info:
+        lepton(line, "x = 1\n")
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert session.store.execute("SELECT COUNT(*) FROM runs")[0][0] == before  # nothing started
+
+
+def test_the_sweep_panel_shows_every_trial_and_leaves_a_record(session):
+    from lepton_magic.ui.sweep_panel import SweepPanel, SweepView
+
+    run = session.submit(SEEN, {}, nodes=2, sweep=make_spec("lr=[1e-3,1e-2]; width=[64]", objective="min loss"))
+    panel = SweepPanel(SweepView(session.store, run.seq), on_cancel=run.cancel)
+    while not panel.update() or not panel.frozen:
+        time.sleep(0.1)
+    assert panel.text().startswith(f"{run.name} succeeded · 2 of 2 trials done · objective: min loss")
+    record = panel.static_bundle()
+    assert record["text/html"].count('class="lepton-trial-row"') == 2 and "image/png" in record
+    assert not math.isnan(run.best["objective"])
