@@ -94,7 +94,8 @@ class SweepRun:
 
     # --- control -------------------------------------------------------------------------------
     def start(self) -> None:
-        self.study = studies.open_study(self.store, self.spec)
+        self.working = studies.open_study(self.store, self.spec)
+        self.study = self.working.study
         for frozen in self.study.get_trials(deepcopy=False):
             if frozen.state.name == "COMPLETE" and frozen.duration is not None:
                 self._durations.add(frozen.params, frozen.duration.total_seconds())
@@ -165,7 +166,11 @@ class SweepRun:
     def _start_trial(self, params: dict | None) -> None:
         if params is not None:
             self.study.enqueue_trial(params, skip_if_exists=False)
-        trial = self.study.ask(self.spec.distributions())
+        try:
+            trial = self.study.ask(self.spec.distributions())
+        except ValueError as e:  # a continued study made with other values for a parameter
+            raise LeptonError(f"{self.name}: this sweep's parameters do not fit the study "
+                              f"{self.spec.study!r} ({e}); give the sweep a new --study name") from None
         n = trial.number
         name = f"{self.name}.t{n}"
         child_id = f"{self.run_id}-t{n}"
@@ -229,6 +234,7 @@ class SweepRun:
                 self._counts["failed" if status == "failed" else "cancelled"] += 1
                 if status == "failed" and live is not None and live.error is not None:
                     self._record_error(number, live.error)
+            self.working.finished(number)
             if live is not None and live is not self._best_live:
                 live.drop_outputs()  # kept in outputs.bin; only the best one's stay in memory
             log.info("%s: trial %d %s", self.name, number,
@@ -306,6 +312,7 @@ class SweepRun:
 
     # --- the end -------------------------------------------------------------------------------
     def _finish(self) -> None:
+        self.working.close()
         with self._lock:
             stop = self._cancel
         if self.best is not None and self._best_live is not None:

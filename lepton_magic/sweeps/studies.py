@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,13 +61,49 @@ def _pruner(spec: SweepSpec):
     return optuna.pruners.NopPruner()
 
 
-def open_study(store: "Store", spec: SweepSpec) -> "optuna.Study":
+def open_study(store: "Store", spec: SweepSpec) -> "WorkingStudy":
     optuna = _optuna()
-    direction = spec.objective.direction
-    if spec.study:
-        return optuna.create_study(study_name=spec.study, storage=storage_url(store), load_if_exists=True,
-                                   direction=direction, sampler=_sampler(spec), pruner=_pruner(spec))
-    return optuna.create_study(direction=direction, sampler=_sampler(spec), pruner=_pruner(spec))
+    study = optuna.create_study(direction=spec.objective.direction, sampler=_sampler(spec), pruner=_pruner(spec))
+    if not spec.study:
+        return WorkingStudy(study, None)
+    kept = optuna.create_study(study_name=spec.study, storage=storage_url(store), load_if_exists=True,
+                               direction=spec.objective.direction)
+    study.add_trials(kept.get_trials(deepcopy=False))  # what earlier sweeps of this study found
+    return WorkingStudy(study, kept)
+
+
+class WorkingStudy:
+    """The study a sweep asks and tells, in memory (an ask on the SQLite storage takes 60-250 ms,
+    which would sit between one trial's end and the next one's start), and, for ``--study NAME``,
+    the stored study each finished trial is copied to on a thread of its own."""
+
+    def __init__(self, study: "optuna.Study", kept: "optuna.Study | None"):
+        self.study = study
+        self._kept = kept
+        self._copying: "queue.Queue | None" = None
+        self._thread: threading.Thread | None = None
+        if kept is not None:
+            self._copying = queue.Queue()
+            self._thread = threading.Thread(target=self._copy, daemon=True, name="lepton-study-keeper")
+            self._thread.start()
+
+    def finished(self, number: int) -> None:
+        """Trial ``number`` was told its outcome: keep it in the stored study too."""
+        if self._copying is not None:
+            self._copying.put(self.study.get_trials(deepcopy=False)[number])
+
+    def close(self) -> None:
+        """Wait until every finished trial is in the stored study."""
+        if self._copying is not None:
+            self._copying.put(None)
+            self._thread.join()
+
+    def _copy(self) -> None:
+        while (trial := self._copying.get()) is not None:
+            try:
+                self._kept.add_trial(trial)
+            except Exception:  # the stored study is a copy: the sweep itself goes on
+                logging.getLogger("lepton_magic.sweep").exception("could not keep trial %d in the study", trial.number)
 
 
 def study_of(store: "Store", seq: int) -> "optuna.Study":
