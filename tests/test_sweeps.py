@@ -206,3 +206,35 @@ def test_the_sweep_panel_shows_every_trial_and_leaves_a_record(session):
     record = panel.static_bundle()
     assert record["text/html"].count('class="lepton-trial-row"') == 2 and "image/png" in record
     assert not math.isnan(run.best["objective"])
+
+
+def test_the_sidebar_api_lists_a_sweep_with_its_trial_counts_not_its_trials(session):
+    from lepton_magic.server.manager import LeptonManager
+
+    code = "if x == 3:\n    raise ValueError('no')\nlepton.log(step=0, loss=x)\n"
+    run = session.submit(code, {}, nodes=2, sweep=make_spec("x=[1,2,3]"))
+    run.wait(60)
+    listed = LeptonManager(session.store).runs()
+    assert [r["name"] for r in listed if r["name"].startswith(run.name)] == [run.name]
+    sweep = next(r for r in listed if r["name"] == run.name)["sweep"]
+    assert sweep["counts"] == {"succeeded": 2, "failed": 1} and sweep["trials"] == 3
+    assert (sweep["objective"], sweep["direction"]) == ("loss", "minimize")
+    assert sweep["best"]["params"] == {"x": 1}
+
+
+def test_a_terminal_shows_a_line_per_trial_and_a_sweep_summary(session):
+    import io
+
+    from lepton_magic.ui.progress import TextProgress
+
+    run = session.submit("lepton.log(step=0, loss=x)\nbest_x = x\n", {}, nodes=2, sweep=make_spec("x=[3,1,2]"))
+    out = io.StringIO()
+    progress = TextProgress(run, out=out, terminal=False)
+    while not run.wait_done(0.05):
+        progress.tick()
+    progress.finish()
+    lines = out.getvalue().splitlines()
+    assert sorted(line for line in lines if line.startswith("trial ")) == [
+        "trial 0 (x=3) succeeded: loss 3", "trial 1 (x=1) succeeded: loss 1", "trial 2 (x=2) succeeded: loss 2"]
+    assert lines[-1].startswith(f"✓ {run.name} succeeded in ")
+    assert lines[-1].endswith("3 of 3 trials (3 succeeded) · best: trial 1 (x=1) min loss 1 · bound: best_x")

@@ -69,6 +69,16 @@ export interface IRun {
   metric: string | null;
   owner_pid: number | null;
   error: string | null;
+  /** A sweep (%%lepton --sweep): its trials by status, objective and best trial so far. */
+  sweep?: ISweep | null;
+}
+
+export interface ISweep {
+  trials: number | null;
+  counts: Record<string, number>;
+  objective: string | null;
+  direction: string | null;
+  best: { trial: number; params: Record<string, unknown>; objective: number } | null;
 }
 
 /** metric -> rank -> [[step, value], ...] */

@@ -4,7 +4,14 @@ import { ReactWidget } from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import React, { useEffect, useLayoutEffect, useRef, useState } from 'react';
 
-import { ACTIVE_STATUSES, IPool, IPoolNode, IRun, IRunDetail } from './api';
+import {
+  ACTIVE_STATUSES,
+  IPool,
+  IPoolNode,
+  IRun,
+  IRunDetail,
+  ISweep
+} from './api';
 import { RankChart, rankColour, Sparkline } from './charts';
 import {
   attachLine,
@@ -392,6 +399,7 @@ function RunRow(props: {
             : ''}
         </span>
       </div>
+      {run.sweep && <SweepLine sweep={run.sweep} />}
       {run.error && (
         <div className="lepton-run-error" title={run.error}>
           {run.error}
@@ -561,6 +569,28 @@ function LogTail(props: {
       >
         {text || ' '}
       </pre>
+    </div>
+  );
+}
+
+/** A sweep's row: how many of its trials ended how, and the best one so far. */
+function SweepLine(props: { sweep: ISweep }): JSX.Element {
+  const { sweep } = props;
+  const done = Object.values(sweep.counts).reduce((a, b) => a + b, 0);
+  const parts = Object.entries(sweep.counts)
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([status, n]) => `${n} ${status}`)
+    .join(' · ');
+  const way = sweep.direction === 'maximize' ? 'max' : 'min';
+  const best =
+    sweep.best && typeof sweep.best.objective === 'number'
+      ? ` · best: trial ${sweep.best.trial} = ${sweep.best.objective.toPrecision(4)}`
+      : '';
+  return (
+    <div className="lepton-run-line lepton-dim lepton-sweep-line" title="sweep trials">
+      sweep · {done} of {sweep.trials ?? '?'} trials
+      {parts ? ` (${parts})` : ''} · {way} {sweep.objective ?? 'first metric'}
+      {best}
     </div>
   );
 }

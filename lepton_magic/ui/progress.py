@@ -58,6 +58,12 @@ class TextProgress:
         self._last_draw = 0.0
         self._announced = False  # the start line is out (off a terminal only)
         self._t0 = time.monotonic()
+        self._sweep = None  # a sweep's view (its trials), once known to be one
+        self._told: set[int] = set()  # trials whose end was printed
+        if run.is_sweep:
+            from .sweep_panel import SweepView
+
+            self._sweep = SweepView(run.store, run.seq)
 
     def tick(self) -> None:
         try:
@@ -88,6 +94,8 @@ class TextProgress:
     # --- text ------------------------------------------------------------------------------
     def status_text(self) -> str:
         run = self.run
+        if self._sweep is not None:
+            return f"⏳ {run.name} {run.status} · {self._trials_text()} · {time.monotonic() - self._t0:.1f} s"
         parts = [f"⏳ {run.name}", run.status]
         if run.world_size:
             parts.append(f"{run.world_size} rank{'s' if run.world_size != 1 else ''}")
@@ -109,8 +117,11 @@ class TextProgress:
         run = self.run
         status, world, nodes, duration = run.status, run.world_size, run.node_count, run.duration
         took = f"{duration:.3g} s" if duration is not None else "-"
-        text = (f"{MARKS.get(status, '·')} {run.name} {status} in {took} on {nodes} "
-                f"node{'s' if nodes != 1 else ''} (world size {world})")
+        if self._sweep is not None:
+            text = f"{MARKS.get(status, '·')} {run.name} {status} in {took}: {self._trials_text()}"
+        else:
+            text = (f"{MARKS.get(status, '·')} {run.name} {status} in {took} on {nodes} "
+                    f"node{'s' if nodes != 1 else ''} (world size {world})")
         if status == "succeeded":
             bound = sorted(run.outputs)
             if bound:
@@ -121,9 +132,42 @@ class TextProgress:
             text += f"\n  · {note}"
         return text
 
+    def _trials_text(self) -> str:
+        """How a sweep's trials stand, and its best one."""
+        view = self._sweep.refresh()
+        counts: dict[str, int] = {}
+        for t in view.trials.values():
+            counts[t.status] = counts.get(t.status, 0) + 1
+        text = f"{len(view.trials)} of {view.spec.get('trials', '?')} trials"
+        if counts:
+            text += " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")"
+        ranked = view.ranked()
+        if ranked and ranked[0].status == "succeeded" and ranked[0].last is not None:
+            way = "max" if view.maximize else "min"
+            text += f" · best: trial {ranked[0].number} ({_params(ranked[0].params)}) {way} {view.metric} {_number(ranked[0].last)}"
+        return text
+
+    def _print_trial_ends(self) -> None:
+        """A sweep's output: one line as each trial ends (its ranks' lines: run.trial(n).logs())."""
+        view = self._sweep.refresh()
+        lines = []
+        for t in sorted(view.trials.values(), key=lambda t: t.number):
+            if t.number in self._told or t.status not in ("succeeded", "failed", "cancelled", "pruned"):
+                continue
+            self._told.add(t.number)
+            step = f" at step {t.pruned_step}" if t.status == "pruned" and t.pruned_step is not None else ""
+            value = f": {view.metric} {_number(t.last)}" if t.values else ""
+            lines.append(f"trial {t.number} ({_params(t.params)}) {t.status}{step}{value}")
+        if lines:
+            self._clear()
+            print("\n".join(lines), file=self.out, flush=True)
+
     # --- drawing ---------------------------------------------------------------------------
     def _print_logs(self) -> None:
         if not self.show_logs:
+            return
+        if self._sweep is not None:
+            self._print_trial_ends()
             return
         rows = self.run.store.logs_since(self.run.seq, self._last_log)
         if not rows:
@@ -190,6 +234,10 @@ def _fit(text: str, columns: int) -> str:
             break
         kept.append(char)
     return "".join(kept) + "…"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _number(value: float | None) -> str:
