@@ -238,3 +238,14 @@ def test_a_terminal_shows_a_line_per_trial_and_a_sweep_summary(session):
         "trial 0 (x=3) succeeded: loss 3", "trial 1 (x=1) succeeded: loss 1", "trial 2 (x=2) succeeded: loss 2"]
     assert lines[-1].startswith(f"✓ {run.name} succeeded in ")
     assert lines[-1].endswith("3 of 3 trials (3 succeeded) · best: trial 1 (x=1) min loss 1 · bound: best_x")
+
+
+def test_a_trial_on_two_nodes_is_one_world_of_two_ranks(session):
+    code = "import os\nlepton.log(step=0, loss=x, world=lepton.world_size, master=int(os.environ['MASTER_PORT']))\n"
+    run = session.submit(code, {}, nodes=2, sweep=make_spec("x=[1,2]", nodes_per_trial=2))
+    run.wait(60)
+    trials = run.trials
+    assert list(trials["status"]) == ["succeeded", "succeeded"]
+    assert all(sorted(nodes) == ["local-0", "local-1"] for nodes in trials["nodes"])
+    assert list(trials["last_world"]) == [2, 2]
+    assert _most_at_once(_intervals(session, run)) == 1  # 2 nodes, 2 per trial: one at a time
