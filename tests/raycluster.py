@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 NODE_IP = "127.0.0.2"
+NO_RAY = 'Ray is not installed (bash scripts/ci_ray_deps.sh, or pip install "lepton-magic[ray]")'
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
@@ -88,7 +89,8 @@ class RayCluster:
         home = os.path.join(folder, "home")
         os.makedirs(home, exist_ok=True)
         open(os.path.join(home, "ray_bootstrap_config.yaml"), "w").close()
-        env = dict(os.environ, HOME=home, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        env = dict(os.environ, HOME=home, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+                   RAY_raylet_start_wait_time_s="180")  # a loaded 2-core machine registers slowly
         cluster = cls(folder, _free_port(), _free_port(), env)
         try:
             cluster._ray_start(
@@ -105,17 +107,19 @@ class RayCluster:
 
     def _ray_start(self, *args: str) -> None:
         done = subprocess.run([*RAY, "start", "--node-ip-address", NODE_IP, *_raylet_ports(), *args],
-                              env=self.env, capture_output=True, text=True, timeout=120)
+                              env=self.env, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster: those naming its temp dir (GCS, raylets, monitors),
-        and their descendants (workers rename themselves ray::..., agents and ranks)."""
+        """Every process of this cluster: those naming its temp dir (GCS, raylets, monitors) or
+        its address (Ray Client's servers), and their descendants (workers rename themselves
+        ray::..., agents and ranks)."""
         roots = []
+        marks = (self.folder, f"--address={self.address}")
         for proc in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.folder in part for part in proc.info["cmdline"] or []):
+                if any(mark in part for part in proc.info["cmdline"] or [] for mark in marks):
                     roots.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -173,7 +177,7 @@ def _name(proc: psutil.Process) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    pytest.importorskip("ray", reason='Ray is not installed (bash scripts/ci_ray_deps.sh, or pip install "lepton-magic[ray]")')
+    pytest.importorskip("ray", reason=NO_RAY)
     # The test process is a driver of this cluster: no token auth, like the cluster.
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

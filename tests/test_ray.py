@@ -9,17 +9,21 @@ import os
 import signal
 import time
 
+import subprocess
+import sys
+
 import pytest
+from raycluster import non_loopback_peers, ray_cluster  # noqa: F401  (the fixture)
 
-pytest.importorskip("ray", reason='Ray is not installed (bash scripts/ci_ray_deps.sh, or pip install "lepton-magic[ray]")')
+from lepton_magic.backends import ray_cluster as connection
+from lepton_magic.config import Config
+from lepton_magic.errors import LeptonError
+from lepton_magic.session import Session
 
-import ray  # noqa: E402
-from raycluster import non_loopback_peers, ray_cluster  # noqa: E402,F401  (the fixture)
-
-from lepton_magic.backends import ray_cluster as connection  # noqa: E402
-from lepton_magic.config import Config  # noqa: E402
-from lepton_magic.errors import LeptonError  # noqa: E402
-from lepton_magic.session import Session  # noqa: E402
+try:
+    import ray
+except ImportError:
+    ray = None
 
 STEPS = 300
 
@@ -161,6 +165,14 @@ def test_cancel_mid_run_then_down_frees_the_placement_group(connected):
         _wait_for(lambda: ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"), 10)
     finally:
         connection.disconnect()
+
+
+def test_without_ray_the_backend_says_how_to_install_it():
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+            "from lepton_magic.backends import create\n"
+            "try:\n    create('ray', {})\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == 'LeptonError the ray backend needs Ray: pip install "lepton-magic[ray]"'
 
 
 def test_missing_address_part_is_one_clear_line():

@@ -69,6 +69,9 @@ class ActorPipe:
             if not self._closing:
                 self._fail(e)
         finally:
+            # Nothing takes the link's bytes any more: its next write fails at once (the node is
+            # lost) rather than filling the socket and blocking.
+            self._theirs_in.close()
             self._sent_all.set()
 
     # --- agent -> kernel -------------------------------------------------------------------
