@@ -51,6 +51,11 @@ def problems(link: NodeLink, needs_torch: bool, gpus: int | None, local: bool) -
     return found
 
 
+def missing_notes(links: list[NodeLink]) -> list[str]:
+    """Optional pieces nodes lack (psutil, nvidia-ml-py), each with what the node does instead."""
+    return [f"{link.name}: no {item}" for link in links for item in link.facts.get("missing") or []]
+
+
 def check(links: list[NodeLink], needs_torch: bool, gpus: int | None, local: bool) -> None:
     """Raise one LeptonError holding a table of every node with a problem."""
     rows = [(link, problems(link, needs_torch, gpus, local)) for link in links]
@@ -62,5 +67,6 @@ def check(links: list[NodeLink], needs_torch: bool, gpus: int | None, local: boo
     for link, found in bad:
         f = link.facts
         lines.append(f"  {link.name:<10} {str(f.get('host', '?')):<18} {str(f.get('python', '?')):<8} "
-                     f"{str(f.get('torch') or '–'):<14} {len(f.get('gpus') or []):<5} {'; '.join(found)}")
+                     f"{str(f.get('torch') or '–'):<14} {len(f.get('gpus') or []):<5} {'; '.join(found)}"
+                     + (f"; also missing: {', '.join(f['missing'])}" if f.get("missing") else ""))
     raise LeptonError("\n".join(lines))

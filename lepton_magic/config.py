@@ -18,8 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, from PyPI, before it joined the standard library
     import tomli as tomllib
 
-BACKENDS = ("local", "ssh", "ec2")
-PLANNED_BACKENDS = ("ray",)
+BACKENDS = ("local", "ssh", "ec2", "ray")
+PLANNED_BACKENDS: tuple[str, ...] = ()
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -74,6 +74,15 @@ def _parse_bool(text: Any) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def parse_bytes(text: Any, what: str = "a size") -> int:
+    """``200MB``, ``1.5GB``, ``4096`` (bytes) → bytes."""
+    raw = str(text).strip().upper().replace(" ", "").removesuffix("B").replace("I", "")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)", raw) if not isinstance(text, bool) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{what} takes a size like 200MB or 2GB, got {text!r}")
+    return int(float(match.group(1)) * 1000 ** " KMGT".index(match.group(2) or " "))
+
+
 class ConfigError(LeptonError, ValueError):
     """A setting in the config file or the environment is not valid."""
 
@@ -83,6 +92,22 @@ def _parse_hosts(text: Any) -> str:
 
     parse_hosts(str(text))  # raises ValueError with the accepted form
     return str(text)
+
+
+def _parse_ray_address(text: Any) -> str:
+    from .backends.ray_cluster import parse_address
+
+    return parse_address(text)
+
+
+def _parse_choice(*accepted: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip().lower()
+        if value not in accepted:
+            raise ValueError(f"expected {' or '.join(accepted)}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _parse_policy(text: Any) -> str:
@@ -128,6 +153,14 @@ SETTINGS: dict[str, Setting] = {
     "preload": Setting("torch,torch._dynamo,numpy,pandas", str,
                        "modules each node imports ahead of runs (comma-separated; torch._dynamo: DDP imports it, 2.6 s)"),
     "progress": Setting(True, _parse_bool, "print the text progress line while a blocking cell runs"),
+    "workdir": Setting("", str, "folder mirrored to remote nodes, where their ranks run (empty: the notebook's "
+                       "current directory; none: no folder travels)"),
+    "workdir_exclude": Setting(".venv/,venv/,node_modules/,__pycache__/,*.pyc,.ipynb_checkpoints/", str,
+                               "patterns (.gitignore syntax, comma-separated) the mirror leaves out, besides .gitignore"),
+    "workdir_max_bytes": Setting(200_000_000, lambda v: parse_bytes(v, "workdir_max_bytes"),
+                                 "most bytes the working directory may hold to be mirrored (e.g. 200MB)"),
+    "node_requirements": Setting("", str, "packages every run installs on its nodes (pip syntax, space-separated), "
+                                 "into an environment cached per Python and requirements"),
     "retry_spare": Setting("auto", _parse_spare,
                            "keep one warm spare node while runs with --retries go, so a retry starts at once: "
                            "auto (on where nodes are free: local, ssh), on, off"),
@@ -149,6 +182,14 @@ SETTINGS: dict[str, Setting] = {
     "ec2_ssh_wait": Setting(300.0, parse_duration, "ec2 backend: how long a new instance may take to answer SSH "
                             "(then every instance of its request is terminated)"),
     "ec2_s3_bucket": Setting("", str, "ec2 backend: bucket for large inputs/outputs (default lepton-magic-ACCOUNT-REGION)"),
+    "ray_address": Setting("auto", _parse_ray_address,
+                           "ray backend: auto, local (a throwaway cluster), HOST:6379 or ray://HOST:10001"),
+    "ray_strategy": Setting("spread", _parse_choice("spread", "pack"),
+                            "ray backend: spread (one node per machine when it can) or pack"),
+    "ray_cpus_per_node": Setting(1, lambda v: parse_count(v, "ray_cpus_per_node"),
+                                 "ray backend: CPUs each node reserves on the cluster"),
+    "ray_placement_timeout": Setting(60.0, parse_duration,
+                                     "ray backend: give up when Ray has not placed the nodes by then"),
     "ec2_s3_threshold": Setting(8 << 20, lambda v: parse_count(v, "ec2_s3_threshold"),
                                 "ec2 backend: values from this many bytes travel through S3"),
 }

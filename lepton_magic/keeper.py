@@ -30,6 +30,7 @@ import msgpack
 
 from . import private
 from .errors import LeptonError
+from .inputs import Inputs
 from .scheduler import RunSpec
 from .store import Store
 
@@ -55,6 +56,7 @@ def launch(store: Store, *, seq: int, run_id: str, name: str, backend: str, spec
     private.make_dir(folder)
     private.make_dir(Path(store.home) / "logs")
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "on_done"}
+    fields["inputs"] = spec.inputs.joined() if spec.inputs is not None else None
     body = msgpack.packb({"seq": seq, "run_id": run_id, "name": name, "backend": backend, "spec": fields,
                           "config": config, "settings": settings})
     path = folder / f"{run_id}.spec"
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     config.values.update(data["config"])
     session = Session(config, store)
     spec = RunSpec(**data["spec"])
+    spec.inputs = Inputs.from_joined(spec.inputs) if spec.inputs is not None else None
     # Agents on other hosts outlive a dropped connection and are connected to again (backends.ssh).
     settings = {**data["settings"], "resumable": data["backend"] != "local"}
     log.info("keeping %s (%s) on %s", data["name"], data["run_id"], data["backend"])

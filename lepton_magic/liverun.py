@@ -15,10 +15,11 @@ from typing import Callable
 
 import msgpack
 
-from . import private, sharedmem, values
+from . import compat, private, sharedmem, values, workdir
 from .agent.network import is_loopback
 from .backends import NodeLink
 from .errors import LeptonError, RemoteError
+from .inputs import Inputs
 from .store import TRACEBACK_STREAM, Store
 
 log = logging.getLogger("lepton_magic.run")
@@ -47,7 +48,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class LiveRun:
     def __init__(self, *, store: Store, pool, seq: int, run_id: str, name: str, code: str, line_offset: int,
-                 inputs: bytes | None, outputs: list[str], explicit_outputs: bool,
+                 inputs: "Inputs | None", outputs: list[str], explicit_outputs: bool,
                  nodes: list[NodeLink], gpus: int | None, env: dict[str, str],
                  on_done: list[Callable[["LiveRun"], None]], preload: bool = True, attempt: int = 0,
                  checkpoint: bytes | None = None, will_retry: Callable[["LiveRun"], bool] | None = None,
@@ -102,6 +103,12 @@ class LiveRun:
         self._cancel_is_failure = False
         self._lock = threading.RLock()
         self._timers: list[threading.Timer] = []
+        self.replies = workdir.Replies()  # the nodes' answers while they are made ready
+
+    @property
+    def rank_nodes(self) -> dict[int, str]:
+        """Which node each rank of this attempt runs on."""
+        return self._rank_node
 
     # --- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,11 +121,15 @@ class LiveRun:
             plan.append((node_rank, link, offset, local))
             offset += local
         self.world_size = offset
-        per_host: dict[str, int] = {}
+        self.notes.extend(compat.missing_notes(self.nodes))  # (psutil, NVML bindings: optional)
+        # Ranks sharing a machine share its cores: this run's, and those of runs going there now
+        # (a sweep's trials side by side on one host would each take every core otherwise).
+        per_host: dict[str, int] = self.pool.ranks_by_host(exclude=self)
         for _node_rank, link, _first, local in plan:
             per_host[link.host] = per_host.get(link.host, 0) + local
         master_addr = self.pool.backend.master_addr(self.nodes[0])
-        master_port = free_port(master_addr) if is_loopback(master_addr) else 29500 + self.seq % 10000
+        master_port = self.pool.backend.master_port(self.nodes[0]) or (
+            free_port(master_addr) if is_loopback(master_addr) else 29500 + self.seq % 10000)
         writes = []
         for _node_rank, link, first, local in plan:
             ranks = list(range(first, first + local))
@@ -130,32 +141,41 @@ class LiveRun:
         writes.append(self.store.attempt_start(self.seq, self.attempt, [link.name for link in self.nodes],
                                                self.started_at))
         self.pool.attach_run(self)
+        # The mirror of the notebook's folder and the run's packages, on every node at once.
+        ready = workdir.prepare(self, {link.name: first for _n, link, first, _l in plan})
         # Dispatch first, record after: the nodes start while the store is written. Events that
         # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
         stager = getattr(self.pool.backend, "stager", None)
         staged_inputs = staged_outputs = None
         if stager is not None:
-            if self.inputs and len(self.inputs) >= stager.threshold:
-                staged_inputs = stager.put_input(self.inputs)
+            if self.inputs and self.inputs.size >= stager.threshold:
+                staged_inputs = stager.put_input(self.inputs.joined())
             staged_outputs = stager.output_slot(self.id)
         cwd = self.pool.backend.rank_cwd()
-        with self._lock:
-            for node_rank, link, first, local in plan:
-                link.send({
+        shm_dir = self.pool.backend.shared_memory_dir()
+        messages = []
+        for node_rank, link, first, local in plan:
+            if staged_inputs or self.inputs is None:
+                carried = {"inputs": None, "inputs_s3": staged_inputs}
+            else:  # one shared-memory file for the nodes on this machine, the pipe for others
+                carried = self.inputs.message(shm_dir, self.run_id)
+            messages.append((link, {
                     "t": "run", "run": self.id, "code": self.code, "line_offset": self.line_offset,
-                    "inputs": None if staged_inputs else self.inputs, "inputs_s3": staged_inputs,
-                    "outputs_s3": staged_outputs, "outputs": self.output_names,
+                    **carried, "outputs_s3": staged_outputs, "outputs": self.output_names,
                     "explicit_outputs": self.explicit_outputs, "node": link.name, "node_rank": node_rank,
                     "nnodes": len(plan), "rank_offset": first, "local_world_size": local,
                     "world_size": self.world_size, "master_addr": master_addr, "master_port": master_port,
                     "env": self.env, "checkpoint": self.checkpoint_blob, "attempt": self.attempt,
                     "trial": self.trial, "params": self.params,
                     "preload": self.preload,
-                    "cwd": cwd,
-                    "shm_dir": self.pool.backend.shared_memory_dir(),
+                    "cwd": ready.get(link.name, {}).get("cwd", cwd),
+                    "paths": ready.get(link.name, {}).get("paths"),
+                    "shm_dir": shm_dir,
                     # torchrun's rule, made to fit nodes that share a machine: cores / ranks there
                     "threads": max(1, int(link.facts.get("cpus") or 1) // per_host[link.host]),
-                })
+                }))
+        with self._lock:
+            _send_to_all(messages)
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
                                                 world_size=self.world_size, price_per_hour=self._price()))
@@ -166,7 +186,9 @@ class LiveRun:
     def on_message(self, link: NodeLink, message: dict) -> None:
         kind = message["t"]
         rank = message.get("rank")
-        if kind == "metrics":
+        if kind in workdir.REPLIES:
+            self.replies.put(link, message)
+        elif kind == "metrics":
             self.store.add_metrics(self.seq, rank, message["step"], message["name"], message["value"],
                                    message["time"], self.attempt)
         elif kind == "log":
@@ -456,6 +478,25 @@ class LiveRun:
 
 
 OUTPUTS_FILE = "outputs.bin"
+
+#: Run messages from this many bytes (inputs through the pipe) go to every node at once.
+PARALLEL_SEND_BYTES = 1 << 20
+
+
+def _send_to_all(messages: list[tuple[NodeLink, dict]]) -> None:
+    """Send each node its run message; large ones to all nodes at once (a pipe write blocks until
+    its agent has read it: one after the other, the last node would wait for all the others)."""
+    large = [m for _link, m in messages
+             if sum(memoryview(b).nbytes for b in m.get("_buffers") or []) >= PARALLEL_SEND_BYTES]
+    if len(messages) < 2 or not large:
+        for link, message in messages:
+            link.send(message)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(messages), thread_name_prefix="lepton-send") as pool:
+        for future in [pool.submit(link.send, message) for link, message in messages]:
+            future.result()
 
 
 def outputs_dir(store: Store, run_id: str) -> Path:

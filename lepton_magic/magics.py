@@ -21,7 +21,7 @@ from .session import Session
 from .ui import live
 from .ui.progress import TextProgress
 
-SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "attach", "config", "cost", "gc")
+SUBCOMMANDS = ("up", "down", "status", "runs", "wait", "cancel", "logs", "attach", "config", "cost", "gc", "pull")
 
 
 def _arg_type(parse, *extra):
@@ -71,6 +71,9 @@ def _env_pair(text: str) -> tuple[str, str]:
           help="start again on healthy nodes when a node or a rank is lost, up to N times (from the last checkpoint)")
 @argument("--retry-on-error", action="store_true", help="retry when the cell itself raises, too")
 @argument("--instance-type", default=None, help="ec2: the instance type of a new pool (e.g. g5.xlarge)")
+@argument("--workdir", default=None,
+          help="folder mirrored to remote nodes, where their ranks run (default: the current directory; none: no folder)")
+@argument("--pip", default=None, help='packages installed on each node, cached: --pip "pkg==1.2 other"')
 @argument("--sweep", default=None,
           help='a hyper-parameter sweep: "lr=[1e-3,1e-2]; width=choice(64,128); p=uniform(0,0.5)"')
 @argument("--trials", type=_arg_type(parse_count, "--trials"), default=None,
@@ -102,6 +105,8 @@ def _cell_args(line, cell):
 @argument("--instance-type", default=None, help="ec2: instance type (e.g. g5.xlarge)")
 @argument("--spot", action="store_true", help="ec2: spot instances")
 @argument("--region", default=None, help="ec2: AWS region")
+@argument("--address", default=None,
+          help="ray: auto, local (a throwaway cluster), HOST:6379 or ray://HOST:10001")
 def _up_args(line):
     """%lepton up: start (or grow) the pool of warm nodes."""
 
@@ -140,6 +145,13 @@ def _attach_args(line):
 
 
 @magic_arguments()
+@argument("run", help="run name or id")
+@argument("path", nargs="?", default=".", help="file or folder in rank 0's mirror (default: all)")
+def _pull_args(line):
+    """%lepton pull RUN PATH: bring back what rank 0 wrote into its mirror (only files that differ)."""
+
+
+@magic_arguments()
 @argument("--backend", "-b", type=_backend, default=None)
 def _down_args(line):
     """%lepton down: release every node of the pool."""
@@ -147,7 +159,7 @@ def _down_args(line):
 
 _cell_args.parser.prog = "%%lepton"
 for _sub, _func in (("up", _up_args), ("down", _down_args), ("wait", _wait_args), ("cancel", _cancel_args),
-                    ("logs", _logs_args), ("attach", _attach_args), ("gc", _gc_args)):
+                    ("logs", _logs_args), ("attach", _attach_args), ("gc", _gc_args), ("pull", _pull_args)):
     _func.parser.prog = f"%lepton {_sub}"
 
 
@@ -195,6 +207,11 @@ def _unquoted(text: str | None) -> str | None:
     if text is not None and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
+
+
+def _travel(args) -> dict:
+    """--workdir and --pip, passed on only when given (Session.submit has its own defaults)."""
+    return {k: _unquoted(v) for k, v in (("workdir", args.workdir), ("pip", args.pip)) if v is not None}
 
 
 def _no_options(command: str, rest: str) -> None:
@@ -262,7 +279,7 @@ class LeptonMagics(Magics):
                 cell, self.shell.user_ns, nodes=args.nodes, gpus=args.gpus, backend=args.backend,
                 name=args.name, inputs=args.inputs, outputs=args.outputs, timeout=args.timeout,
                 env=dict(args.env), retries=args.retries, retry_on_error=args.retry_on_error,
-                detach=args.detach, sweep=sweep,
+                detach=args.detach, sweep=sweep, **_travel(args),
             )
         except (cellcode.CellSyntaxError, LeptonError) as e:
             raise UsageError(str(e)) from None
@@ -312,8 +329,10 @@ class LeptonMagics(Magics):
                "ec2_region": args.region}
         if any(v is not None for v in ec2.values()) and (args.backend or self.session.config["backend"]) != "ec2":
             raise UsageError("--instance-type, --spot and --region go with --backend ec2")
+        if args.address is not None and (args.backend or self.session.config["backend"]) != "ray":
+            raise UsageError("--address goes with --backend ray")
         pool = self.session.up(args.backend, nodes, idle_timeout=args.idle_timeout, min_nodes=args.min_nodes,
-                               max_nodes=args.max_nodes, gpus=args.gpus, **ec2)
+                               max_nodes=args.max_nodes, gpus=args.gpus, ray_address=args.address, **ec2)
         idle = pool.settings.get("idle_timeout")
         size = f" · {pool.limits}" if pool.limits else ""
         kept = f"nodes above {pool.min_nodes} " if pool.min_nodes else ""
@@ -385,6 +404,14 @@ class LeptonMagics(Magics):
         live.show(run, self.shell)
         if run.done:
             self.session.bind_pending(run.seq)
+
+    def _cmd_pull(self, rest: str):
+        args = _parse(_pull_args, rest)
+        if args is None:
+            return None
+        done = self.session.get_run(args.run).pull(args.path)
+        print(f"pulled {done['files']} file(s), {done['bytes']} bytes from {done['node']} into {done['into']}"
+              f" ({done['unchanged']} unchanged)")
 
     def _cmd_logs(self, rest: str):
         args = _parse(_logs_args, rest)

@@ -261,6 +261,17 @@ class Pool:
         with self._lock:
             self._spare_for.discard(run_id)
 
+    def ranks_by_host(self, exclude: "LiveRun | None" = None) -> dict[str, int]:
+        """Ranks of the runs going now, per host (how many share each machine's cores)."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            runs = [r for r in self.runs.values() if r is not exclude and not r.done.is_set()]
+        for run in runs:
+            for link in run.nodes:
+                ranks = sum(1 for node in run.rank_nodes.values() if node == link.name)
+                counts[link.host] = counts.get(link.host, 0) + ranks
+        return counts
+
     def attach_run(self, run: "LiveRun") -> None:
         with self._lock:
             self.runs[run.id] = run

@@ -19,6 +19,7 @@ from typing import Callable
 
 from . import compat
 from .errors import LeptonError
+from .inputs import Inputs
 from .liverun import LiveRun
 
 log = logging.getLogger("lepton_magic.scheduler")
@@ -33,7 +34,7 @@ class RunSpec:
 
     code: str
     line_offset: int
-    inputs: bytes | None
+    inputs: "Inputs | None"
     outputs: list[str]
     explicit_outputs: bool
     nodes: int
@@ -47,6 +48,8 @@ class RunSpec:
     #: A sweep's trial: its number and its parameters (plain variables of the cell on the nodes).
     trial: int | None = None
     params: dict | None = None
+    #: The run frees its inputs' shared memory when it ends (a sweep's trials share their sweep's).
+    owns_inputs: bool = True
     on_done: list[Callable] = field(default_factory=list)
 
 
@@ -67,6 +70,7 @@ class ScheduledRun:
         self._cancelled = threading.Event()  # wakes a retry waiting out its backoff
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
+        self._inputs = spec.inputs if spec.owns_inputs else None  # freed when the run ends
 
     # --- what a run in flight shows (the current attempt's, mostly) ---------------------------
     @property
@@ -213,6 +217,8 @@ class ScheduledRun:
         live.start()
         if not spec.retries:
             spec.inputs = None  # no retry will need them: do not keep a copy of every input
+        elif spec.inputs is not None and self.attempt == 0:
+            spec.inputs.settle(self.pool.backend.shared_memory_dir(), self.run_id)
 
     def _will_retry(self, live: LiveRun) -> bool:
         """Asked by an attempt that failed, before it records the run's end."""
@@ -225,6 +231,7 @@ class ScheduledRun:
             if self._timer is not None:
                 self._timer.cancel()
             self.pool.drop_spare(self.run_id)
+            self._free_inputs()
             self.done.set()
             return
         with self._lock:
@@ -278,7 +285,13 @@ class ScheduledRun:
         if self._timer is not None:
             self._timer.cancel()
         self.pool.drop_spare(self.run_id)
+        self._free_inputs()
         self.done.set()
+
+    def _free_inputs(self) -> None:
+        if self._inputs is not None:
+            self._inputs.discard()
+            self._inputs = None
 
 
 def _seconds(value: float) -> str:

@@ -11,7 +11,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import cellcode, compat, kernel_shutdown, owners, values
+from . import workdir as travel
 from .config import Config
+from .inputs import Inputs
 from .errors import LeptonError
 from .liverun import LiveRun
 from .scheduler import RunSpec, ScheduledRun
@@ -80,7 +82,7 @@ class Session:
             return {k: v for k, v in pool.settings.items() if k != "secret"}
         return {k: self.config[k] for k in self.config.values
                 if k in ("idle_timeout", "preload", "heartbeat_timeout", "retry_spare")
-                or k.startswith(("ssh_", "ec2_", "spot_"))}
+                or k.startswith(("ssh_", "ec2_", "spot_", "ray_"))}
 
     def _check_node_count(self, nodes: int) -> None:
         most = self.config["max_nodes"]
@@ -208,6 +210,8 @@ class Session:
         detach: bool = False,
         sweep: "SweepSpec | None" = None,
         on_done: Callable[[LiveRun], None] | None = None,
+        workdir: str | None = None,
+        pip: str | None = None,
     ) -> Run:
         """Run ``code`` on ``nodes`` nodes; returns at once with the Run (see ``Run.wait``).
 
@@ -259,8 +263,14 @@ class Session:
                                       namespace if bind else None, on_done)
 
         pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
+        # The folder and packages the nodes need (remote nodes: the notebook's folder mirrored).
+        plan = travel.plan_run(self.config, pool.backend.rank_cwd() is None, tree, namespace, input_names,
+                               workdir=workdir, pip=pip)
         seq, name = self.store.add_run(run_id, name, pool=pool.id, **record)
         callbacks: list[Callable[[LiveRun], None]] = [self._forget]
+        if plan is not None:
+            travel.register(run_id, plan)
+            callbacks.append(lambda live: travel.forget(run_id))
         if bind:
             callbacks.append(lambda live: self._queue_binding(namespace, live))
         if on_done is not None:
@@ -320,6 +330,7 @@ class Session:
             parallel = min(parallel, max(1, pool.max_nodes // per_trial))
         parallel = min(parallel, sweep.trials)
         self._check_node_count(parallel * per_trial)
+        sweep.parallel = parallel  # what the sweep runs with (the store and the pruner see it)
         seq, name = self.store.add_run(run_id, name, pool=pool.id, **{**record, "nodes": parallel * per_trial},
                                        sweep=sweep.describe())
         pool.ensure(parallel * per_trial)  # the nodes start together, not trial by trial
@@ -328,7 +339,7 @@ class Session:
             callbacks.append(lambda live: self._queue_binding(namespace, live))
         if on_done is not None:
             callbacks.append(on_done)
-        base = dataclasses.replace(spec, nodes=per_trial)
+        base = dataclasses.replace(spec, nodes=per_trial, owns_inputs=False)  # the sweep frees them
         live = SweepRun(session=self, pool=pool, seq=seq, run_id=run_id, name=name, spec=sweep, base=base,
                         parallel=parallel, on_done=callbacks)
         with self._lock:
@@ -480,13 +491,14 @@ class Session:
         )
 
 
-def _pickle_inputs(namespace: dict, names: list[str]) -> bytes | None:
+def _pickle_inputs(namespace: dict, names: list[str]) -> Inputs | None:
     """The inputs as one pickle, so objects sharing state (a model and its optimizer) still
-    share it on the node. When that fails, find the variable to blame."""
+    share it on the node, large buffers out of band (inputs.py). When that fails, find the
+    variable to blame."""
     if not names:
         return None
     try:
-        return values.dumps({n: namespace[n] for n in names})
+        return Inputs.pickle({n: namespace[n] for n in names})
     except Exception:
         pass
     for n in names:

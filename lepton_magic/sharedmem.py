@@ -102,17 +102,19 @@ def write_buffers(folder: str, prefix: str, buffers: list[memoryview]) -> dict:
             "dev": written.st_dev, "ino": written.st_ino, "size": written.st_size}
 
 
-def map_buffers(info: dict) -> list[memoryview]:
-    """Map the file privately (writable, copy-on-write), unlink it, and slice the buffers.
+def map_buffers(info: dict, keep: bool = False) -> list[memoryview]:
+    """Map the file privately (writable, copy-on-write), unlink it (unless others will map it
+    too: ``keep``, for a run's inputs), and slice the buffers.
 
-    Raises SharedMemoryRefused when the file is not the one the rank wrote."""
+    Raises SharedMemoryRefused when the file is not the one its writer wrote."""
     fd = _open_the_written_file(info)
     try:
         size = sum(info["lens"])
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else b""
     finally:
         os.close(fd)
-    os.unlink(info["path"])
+    if not keep:
+        os.unlink(info["path"])
     view = memoryview(mapped)
     out, pos = [], 0
     for n in info["lens"]:

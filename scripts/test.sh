@@ -11,5 +11,7 @@ bash scripts/ci_ssh_deps.sh || echo "test.sh: sshd not installed; ssh tests will
 bash scripts/ci_tmux_deps.sh || echo "test.sh: tmux not installed; the terminal progress test will skip"
 # Node environments of the oldest and newest supported Pythons (agent dependencies only, no torch).
 bash scripts/ci_node_pythons.sh || echo "test.sh: other Pythons' node environments not made; their tests will skip"
+# Ray (the ray extra) for the ray backend's tests, tutorial 06 and benchmarks/ray.py (without it they skip).
+bash scripts/ci_ray_deps.sh || echo "test.sh: Ray not installed; the ray backend tests will skip"
 export LEPTON_HOME="${LEPTON_HOME:-$(mktemp -d)}"
 python3 -m pytest -q "$@"

@@ -108,7 +108,8 @@ def test_a_progress_bar_shows_its_current_state_while_it_runs(ip):
         time.sleep(0.05)
     run.wait(10)
     progress = {int(s.split()[1].split("/")[0]) for s in seen if s.startswith("training ")}
-    assert len(progress) >= 3 and max(progress) < 30, f"unfinished states seen: {sorted(seen)}"
+    # (30/30 may be seen too: it stands unfinished for 0.1 s before the newline ends it)
+    assert len(progress) >= 3 and min(progress) < 30, f"unfinished states seen: {sorted(seen)}"
     assert run.logs(rank=0) == "training 30/30"  # the log keeps the final state only
     assert run.store.log_partials(run.seq) == {}
 

@@ -163,11 +163,16 @@ def test_a_named_study_goes_on_in_a_later_session(tmp_path):
         first.close()
     later = Session(store=Store(home))  # a fresh kernel: the study lives in LEPTON_HOME
     try:
-        run = later.submit(code, {}, nodes=1, sweep=make_spec("lr=uniform(0,1)", trials=2, study="tuning"))
+        run = later.submit(code, {}, nodes=2, sweep=make_spec("lr=uniform(0,1)", trials=2, study="tuning"))
         run.wait(60)
         study = run.study
         assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
         assert sorted(run.trials.index) == [3, 4]
+        import optuna  # the stored study numbers trials as lepton does, whatever order they ended in
+
+        stored = optuna.load_study(study_name="tuning", storage=f"sqlite:///{home}/studies.sqlite")
+        for number, row in run.trials.iterrows():
+            assert stored.trials[number].params == {"lr": row["lr"]}
         assert json.loads(later.store.run_row(run.seq)["sweep"])["study"] == "tuning"
     finally:
         later.close()

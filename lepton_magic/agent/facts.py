@@ -8,7 +8,10 @@ import socket
 import sys
 import time
 
-import psutil
+try:
+    import psutil
+except ImportError:  # a bare host: the little the agent needs, from /proc
+    from . import procfs as psutil  # type: ignore[no-redef]
 
 _nvml_ok: bool | None = None
 
@@ -72,8 +75,19 @@ def node_facts(node: str) -> dict:
         "disk_free": int(psutil.disk_usage(os.path.expanduser("~")).free),
         "executable": sys.executable,
         "platform": platform.platform(),
+        "missing": missing(),
         "time": time.time(),
     }
+
+
+def missing() -> list[str]:
+    """Optional pieces this node lacks, and what it does instead (the compatibility table says)."""
+    out = []
+    if getattr(psutil, "MISSING_NOTE", None):
+        out.append(psutil.MISSING_NOTE)
+    if os.path.exists("/proc/driver/nvidia") and _nvml() is None:
+        out.append("nvidia-ml-py (GPUs are not seen: pip install nvidia-ml-py)")
+    return out
 
 
 def telemetry(rank_pids: dict[int, int]) -> dict:

@@ -11,7 +11,10 @@ import ipaddress
 import socket
 import struct
 
-import psutil
+try:
+    import psutil
+except ImportError:  # a bare host: the little the agent needs, from /proc
+    from . import procfs as psutil  # type: ignore[no-redef]
 
 
 def interface_for(address: str) -> str | None:

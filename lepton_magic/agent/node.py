@@ -45,6 +45,7 @@ from ..protocol import (
     run_key,
 )
 from . import facts, spot, zygote
+from .prepare import KINDS as PREPARE_KINDS, Preparer
 from .uplink import Journal, Resume, Uplink
 from . import rank as _rank  # noqa: F401  imported once here, inherited by the zygotes' children
 from .forking import CTRL_FD
@@ -160,6 +161,10 @@ class Agent:
         self.spot_watcher = spot_watcher
         self.preempting: dict | None = None  # the spot notice this node got, if any
         self.last_run_end = 0.0
+        # The mirror of the notebook's folder and the run's packages (agent/prepare.py).
+        self.preparer = Preparer(node, self.out.send,
+                                 lambda fd, install: self.sel.register(fd, selectors.EVENT_READ, ("install", install)),
+                                 self.sel.unregister)
 
     # --- life cycle ------------------------------------------------------------------------
     def serve(self) -> None:
@@ -216,6 +221,8 @@ class Agent:
                     self.on_spot_notice()
                 elif kind == "pidfd":
                     self.end_rank(rank)
+                elif kind == "install":
+                    self.preparer.on_output(rank)
                 elif kind == "ctrl":
                     if rank.ctrl is not None:
                         self.on_ctrl(rank)
@@ -393,6 +400,8 @@ class Agent:
             self.out.send({"t": "pong", "time": time.time(), "sent": message.get("time")})
         elif kind == "ack":  # what the kernel has taken: the journal forgets it
             self.out.acknowledge(_streams(message.get("have")))
+        elif kind in PREPARE_KINDS:  # the run's folder and packages
+            self.preparer.on_message(message)
 
     def start_run(self, job: dict) -> None:
         local = job["local_world_size"]

@@ -68,13 +68,13 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     # A process the cell forks (DataLoader workers, multiprocessing) must not speak for this rank.
     os.register_at_fork(after_in_child=lambda: _silence_child(lepton))
     _apply_thread_count()
+    _paths_first(job.get("paths") or [])  # the run's packages, modules shipped from the kernel
     if job.get("cwd"):
         _enter(job["cwd"])
     namespace = _main_module(lepton).__dict__
     if job["inputs"] or job.get("inputs_s3"):
         try:  # one pickle: objects that share state in the notebook share it here too
-            blob = job["inputs"] if job["inputs"] else staging.fetch(job["inputs_s3"])
-            namespace.update(values.loads(blob))
+            namespace.update(_load_inputs(job))
         except Exception as e:
             return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ")
     # A sweep's trial: its parameters are plain variables of the cell, as if the notebook had them.
@@ -135,6 +135,18 @@ def _enter(folder: str) -> None:
     sys.path.insert(0, folder)
 
 
+def _paths_first(folders: list[str]) -> None:
+    """Put folders first on sys.path, their .pth files read (editable installs, namespace
+    packages), as the site module does for site-packages."""
+    import site
+
+    for folder in reversed(folders):
+        before = list(sys.path)
+        site.addsitedir(folder)
+        added = [p for p in sys.path if p not in before]
+        sys.path[:] = added + [p for p in before if p not in added]
+
+
 def _apply_thread_count() -> None:
     """OpenMP read OMP_NUM_THREADS when the zygote imported torch, before this job set it:
     tell torch now, or every rank on a shared machine would use every core."""
@@ -147,6 +159,19 @@ def _apply_thread_count() -> None:
 def _silence_child(lepton: Lepton) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     lepton.detach()
+
+
+def _load_inputs(job: dict) -> dict:
+    """The notebook's variables: a pickle whose large buffers came out of band — mapped from the
+    run's shared-memory file (nodes on the kernel's machine), with the message (the pipe), or in
+    one object from a bucket."""
+    if job.get("inputs_s3"):
+        blob, buffers = values.split_oob(staging.fetch(job["inputs_s3"]))
+    elif job.get("inputs_shm"):
+        blob, buffers = job["inputs"], sharedmem.map_buffers(job["inputs_shm"], keep=True)
+    else:
+        blob, buffers = job["inputs"], job.get("_buffers")
+    return values.loads(blob, buffers)
 
 
 def collect_outputs(namespace: dict, names: list[str], explicit: bool):

@@ -17,6 +17,10 @@ def create(name: str, settings: dict) -> Backend:
         from .ec2 import Ec2Backend
 
         return Ec2Backend(settings)
+    if name == "ray":
+        from .ray import RayBackend
+
+        return RayBackend(settings)
     raise ValueError(f"unknown backend {name!r}")
 
 

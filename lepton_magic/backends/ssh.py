@@ -81,8 +81,36 @@ def package_zip() -> tuple[bytes, str]:
                 continue
             info = zipfile.ZipInfo(str(rel), date_time=(2020, 1, 1, 0, 0, 0))  # same bytes, same hash
             z.writestr(info, path.read_bytes())
+        for rel, path in agent_dependencies():
+            z.writestr(zipfile.ZipInfo(f"{DEPS_DIR}/{rel}", date_time=(2020, 1, 1, 0, 0, 0)), path.read_bytes())
     data = buffer.getvalue()
     return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+#: The agent's own dependencies travel in the zip, under this folder, as pure Python (msgpack
+#: then runs its pure-Python fallback): a host needs only Python. The agent puts the folder
+#: last on sys.path (agent/__init__.py), so what the host has installed wins.
+DEPS_DIR = "lepton_deps"
+AGENT_DEPENDENCIES = ("msgpack", "cloudpickle", "pynvml")
+
+
+def agent_dependencies() -> list[tuple[str, Path]]:
+    """(path in the zip under DEPS_DIR, file) of the Python files of the agent's dependencies
+    this kernel has (pynvml, from nvidia-ml-py, is optional)."""
+    import importlib.util
+
+    files = []
+    for name in AGENT_DEPENDENCIES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        origin = Path(spec.origin)
+        if spec.submodule_search_locations:
+            for path in sorted(origin.parent.rglob("*.py")):
+                files.append((f"{name}/{path.relative_to(origin.parent).as_posix()}", path))
+        elif origin.suffix == ".py":
+            files.append((origin.name, origin))
+    return files
 
 
 class _Loop:

@@ -94,6 +94,8 @@ class SweepRun:
 
     # --- control -------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.base.inputs is not None:  # every trial sends them: out of the notebook's memory now
+            self.base.inputs.settle(self.pool.backend.shared_memory_dir(), self.run_id)
         self.working = studies.open_study(self.store, self.spec)
         self.study = self.working.study
         for frozen in self.study.get_trials(deepcopy=False):
@@ -313,6 +315,8 @@ class SweepRun:
     # --- the end -------------------------------------------------------------------------------
     def _finish(self) -> None:
         self.working.close()
+        if self.base.inputs is not None:
+            self.base.inputs.discard()  # the trials' shared memory
         with self._lock:
             stop = self._cancel
         if self.best is not None and self._best_live is not None:

@@ -54,8 +54,9 @@ def _sampler(spec: SweepSpec):
 def _pruner(spec: SweepSpec):
     optuna = _optuna()
     if spec.prune == "median":
-        # Two finished trials make a median worth comparing against; from the first report on.
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        # A median of at least two finished trials — and of no fewer than run at once, so the
+        # first wave is not judged by the one or two that happened to end first.
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, spec.parallel or 2), n_warmup_steps=0)
     if spec.prune == "asha":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -82,6 +83,10 @@ class WorkingStudy:
         self._kept = kept
         self._copying: "queue.Queue | None" = None
         self._thread: threading.Thread | None = None
+        # The stored study numbers trials as they are added: add them in number order, so its
+        # numbers are lepton's (lepton.trial, run.trials) whatever order trials finish in.
+        self._next = len(study.get_trials(deepcopy=False))
+        self._waiting: dict[int, object] = {}
         if kept is not None:
             self._copying = queue.Queue()
             self._thread = threading.Thread(target=self._copy, daemon=True, name="lepton-study-keeper")
@@ -100,10 +105,18 @@ class WorkingStudy:
 
     def _copy(self) -> None:
         while (trial := self._copying.get()) is not None:
-            try:
-                self._kept.add_trial(trial)
-            except Exception:  # the stored study is a copy: the sweep itself goes on
-                logging.getLogger("lepton_magic.sweep").exception("could not keep trial %d in the study", trial.number)
+            self._waiting[trial.number] = trial
+            while self._next in self._waiting:
+                self._add(self._waiting.pop(self._next))
+                self._next += 1
+        for number in sorted(self._waiting):  # (every trial the sweep asked was told an outcome)
+            self._add(self._waiting.pop(number))
+
+    def _add(self, trial) -> None:
+        try:
+            self._kept.add_trial(trial)
+        except Exception:  # the stored study is a copy: the sweep itself goes on
+            logging.getLogger("lepton_magic.sweep").exception("could not keep trial %d in the study", trial.number)
 
 
 def study_of(store: "Store", seq: int) -> "optuna.Study":
@@ -137,9 +150,22 @@ def trial_rows(store: "Store", seq: int) -> list[dict]:
     return store.query("SELECT * FROM runs WHERE parent=? ORDER BY trial", (seq,))
 
 
-def _last(store: "Store", seq: int, metric: str) -> float | None:
-    rows = store.execute("SELECT value FROM metrics WHERE run=? AND rank=0 AND name=? "
-                         "ORDER BY step DESC, rowid DESC LIMIT 1", (seq, metric))
+#: Words in a metric's name that say higher is better (accuracy, F1, reward...); other metrics
+#: (losses, errors) are best when lowest. The objective's own metric goes the objective's way.
+HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "score", "reward", "r2", "iou", "bleu",
+                    "rouge", "map", "ndcg", "throughput")
+
+
+def higher_is_better(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in HIGHER_IS_BETTER) and "loss" not in lowered and "err" not in lowered
+
+
+def _last(store: "Store", seq: int, metric: str, at_most: int | None = None) -> float | None:
+    """Rank 0's last value of ``metric`` (at a step no later than ``at_most``, when given)."""
+    rows = store.execute("SELECT value FROM metrics WHERE run=? AND rank=0 AND name=? AND step<=? "
+                         "ORDER BY step DESC, rowid DESC LIMIT 1",
+                         (seq, metric, at_most if at_most is not None else 2 ** 62))
     if not rows:
         return None
     return math.nan if rows[0][0] is None else float(rows[0][0])
@@ -167,11 +193,13 @@ def trials_frame(store: "Store", seq: int) -> "pd.DataFrame":
     for child in children:
         params = json.loads(child["params"] or "{}")
         nodes = [n for (n,) in store.execute("SELECT node FROM run_nodes WHERE run=? ORDER BY node", (child["seq"],))]
+        pruned = child["pruned_step"]
         record = {"trial": child["trial"], **{n: params.get(n) for n in names}, "status": trial_status(child),
                   "nodes": nodes, "started": child["started"],
                   "duration": ((child["ended"] or 0) - child["started"]) if child["started"] and child["ended"] else None,
-                  "objective": _last(store, child["seq"], metric) if metric else None,
-                  "pruned_at_step": child["pruned_step"], "run": child["name"]}
+                  # a pruned trial ran on for a moment after the pruner's verdict: its value then
+                  "objective": _last(store, child["seq"], metric, pruned) if metric else None,
+                  "pruned_at_step": pruned, "run": child["name"]}
         stats = store.execute(
             "SELECT name, value FROM metrics WHERE run=? AND rank=0 ORDER BY step, rowid", (child["seq"],))
         per_metric: dict[str, list] = {}
@@ -179,8 +207,9 @@ def trials_frame(store: "Store", seq: int) -> "pd.DataFrame":
             per_metric.setdefault(name, []).append(math.nan if value is None else value)
         for name, points in per_metric.items():
             finite = [v for v in points if not math.isnan(v)]
+            higher = maximize if name == metric else higher_is_better(name)
             record[f"last_{name}"] = points[-1]
-            record[f"best_{name}"] = (max(finite) if maximize else min(finite)) if finite else math.nan
+            record[f"best_{name}"] = (max(finite) if higher else min(finite)) if finite else math.nan
         records.append(record)
     df = pd.DataFrame(records)
     if len(df):

@@ -14,6 +14,7 @@ import io
 import math
 
 import numpy as np
+import matplotlib.style
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -28,9 +29,11 @@ HEADROOM = 1.25
 
 class CurvePlot:
     def __init__(self, width: int = 640, height: int = 260, dpi: int = 80):
-        self.figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-        self.canvas = FigureCanvasAgg(self.figure)
-        self.axes = self.figure.add_subplot(1, 1, 1)
+        # matplotlib's own look, whatever style the notebook set globally (optuna's plots set ggplot)
+        with matplotlib.style.context("default"):
+            self.figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+            self.canvas = FigureCanvasAgg(self.figure)
+            self.axes = self.figure.add_subplot(1, 1, 1)
         self.figure.subplots_adjust(left=0.09, right=0.98, top=0.9, bottom=0.16)
         self.axes.tick_params(labelsize=8)
         self.axes.grid(True, alpha=0.3)

@@ -178,12 +178,12 @@ class SweepPanel:
 
     def _table_html(self) -> str:
         names = self.view.spec.get("names") or []
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["trial", *names, "status", "objective"])
+        head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in ["trial", *names, "status", "objective"]) + "</tr>"
         rows = []
         for t in self.view.ranked()[:TABLE_ROWS]:
             objective = f"{t.last:.4g}" if _finite(t.last) else ("nan" if t.values else "–")
             status = _badge(t.status) + (f" at step {t.pruned_step}" if t.pruned_step is not None else "")
-            cells = [str(t.number), *[html.escape(str(t.params.get(n))) for n in names], status, objective]
+            cells = [str(t.number), *[html.escape(_value(t.params.get(n))) for n in names], status, objective]
             rows.append(f'<tr class="lepton-trial-row">{"".join(f"<td>{c}</td>" for c in cells)}</tr>')
         more = len(self.view.trials) - TABLE_ROWS
         tail = f"<p>… {more} more: run.trials</p>" if more > 0 else ""
@@ -193,11 +193,17 @@ class SweepPanel:
         lines = [t for t in self.view.trials.values() if t.steps]
         if not lines:
             return None
-        from matplotlib import colormaps
-        from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6.4, 2.8), dpi=100)
+        import matplotlib.style
+
+        with matplotlib.style.context("default"):  # whatever style the notebook set globally
+            return self._draw(Figure(figsize=(6.4, 2.8), dpi=100), lines)
+
+    def _draw(self, fig, lines: list[TrialLine]) -> bytes:
+        from matplotlib import colormaps
+        from matplotlib.colors import Normalize
+
         ax = fig.add_subplot()
         finals = [t.last for t in lines if t.status == "succeeded" and _finite(t.last)]
         norm = Normalize(min(finals), max(finals)) if len(finals) > 1 and min(finals) < max(finals) else None
@@ -234,8 +240,12 @@ class SweepPanel:
             widget.close()
 
 
+def _value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _params(params: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ", ".join(f"{k}={_value(v)}" for k, v in params.items())
 
 
 def _finite(value) -> bool:
