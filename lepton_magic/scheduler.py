@@ -168,11 +168,7 @@ class ScheduledRun:
             return self._cancel is None
 
     def _arm_timer(self) -> None:
-        if self.spec.timeout:
-            self._timer = threading.Timer(self.spec.timeout, lambda: self.cancel(
-                reason=f"timed out after {_seconds(self.spec.timeout)}", failure=True))
-            self._timer.daemon = True
-            self._timer.start()
+        self._timer = arm_timeout(self.spec.timeout, self.cancel)
 
     def _begin(self, links) -> None:
         if self.spec.retries:
@@ -292,6 +288,16 @@ class ScheduledRun:
         if self._inputs is not None:
             self._inputs.discard()
             self._inputs = None
+
+
+def arm_timeout(seconds: float | None, cancel: Callable[..., None]) -> threading.Timer | None:
+    """A run's (or a sweep's) timeout: cancel it as failed, saying after how long."""
+    if not seconds:
+        return None
+    timer = threading.Timer(seconds, lambda: cancel(reason=f"timed out after {_seconds(seconds)}", failure=True))
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _seconds(value: float) -> str:

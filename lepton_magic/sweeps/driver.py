@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import LeptonError
-from ..scheduler import RunSpec
+from ..scheduler import RunSpec, arm_timeout
 from . import studies
 from .durations import DurationModel
 from .space import SweepSpec
@@ -101,11 +101,7 @@ class SweepRun:
         for frozen in self.study.get_trials(deepcopy=False):
             if frozen.state.name == "COMPLETE" and frozen.duration is not None:
                 self._durations.add(frozen.params, frozen.duration.total_seconds())
-        if self.base.timeout:
-            self._timer = threading.Timer(self.base.timeout, lambda: self.cancel(
-                reason=f"timed out after {self.base.timeout:g} s", failure=True))
-            self._timer.daemon = True
-            self._timer.start()
+        self._timer = arm_timeout(self.base.timeout, self.cancel)
         threading.Thread(target=self._drive, name=f"lepton-sweep-{self.name}", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> bool:
