@@ -254,3 +254,10 @@ def test_a_trial_on_two_nodes_is_one_world_of_two_ranks(session):
     assert all(sorted(nodes) == ["local-0", "local-1"] for nodes in trials["nodes"])
     assert list(trials["last_world"]) == [2, 2]
     assert _most_at_once(_intervals(session, run)) == 1  # 2 nodes, 2 per trial: one at a time
+
+
+def test_a_sweeps_timeout_stops_its_trials(session):
+    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, timeout=2.0, sweep=make_spec("x=[1,2,3]"))
+    assert run.wait_done(25) and run.status == "failed"
+    assert "timed out after 2 s" in str(run.error)
+    assert set(run.trials["status"]) == {"cancelled"} and len(run.trials) == 2
