@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 from _common import fresh_home, quiet, shell, summary, timed
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=300_000)
     args = parser.parse_args()
     fresh_home()
+    # The notebook's folder, which remote nodes mirror before each run: a small one of its own
+    # (the repository would be hashed on every cell; LEPTON_HOME changes while it is sent).
+    os.chdir(tempfile.mkdtemp(prefix="lepton-bench-notebook-"))
     os.environ["RAY_AUTH_MODE"] = "disabled"  # like the test cluster
     t0 = time.perf_counter()
     cluster = RayCluster.start()

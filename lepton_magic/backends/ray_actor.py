@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -135,13 +136,15 @@ class AgentActor:
         except (ConnectionError, OSError):
             pass
         try:
-            return await asyncio.wait_for(self._proc.wait(), wait)
+            status = await asyncio.wait_for(self._proc.wait(), wait)
         except asyncio.TimeoutError:
             try:
                 os.killpg(self._proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            return await self._proc.wait()
+            status = await self._proc.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)  # stopped on purpose: nothing to look at
+        return status
 
     async def free_port(self) -> int:
         """A port free now on this node's address: rank 0's rendezvous (MASTER_PORT)."""
@@ -149,12 +152,18 @@ class AgentActor:
             s.bind((ray.util.get_node_ip_address(), 0))
             return s.getsockname()[1]
 
-    async def log_tail(self, limit: int = 4000) -> str:
-        """The end of the agent's stderr: why it did not start, or why it ended."""
+    async def how_it_ended(self, limit: int = 600) -> str:
+        """How the agent ended (its exit status, the end of its stderr), in a few words."""
+        try:
+            status = await asyncio.wait_for(self._proc.wait(), 2.0)
+        except asyncio.TimeoutError:
+            status = None
+        said = f"exit status {status}" if status is None or status >= 0 else f"killed by signal {-status}"
         try:
             with open(os.path.join(self._folder, "agent.log"), "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - limit))
-                return f.read().decode(errors="replace")
+                lines = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
-            return ""
+            lines = []
+        return said + (f"; its log ends: {lines[-1]}" if lines else "")

@@ -98,18 +98,17 @@ class ActorPipe:
                 self._fail(e)
         finally:
             if reason and not self._closing:
-                self._lose(reason + self._agent_log())
+                self._lose(f"{reason} ({self._how_it_ended()})")
             self._theirs_out.close()  # EOF: the link's reader ends (as the node's loss if not yet said)
 
     def _fail(self, error: Exception) -> None:
         self._lose(describe(error))
 
-    def _agent_log(self) -> str:
+    def _how_it_ended(self) -> str:
         try:
-            tail = self._ray.get(self._actor.log_tail.remote(600), timeout=5).strip()
-        except Exception:
-            return ""
-        return f"; its log ends: {tail.splitlines()[-1]}" if tail else ""
+            return self._ray.get(self._actor.how_it_ended.remote(), timeout=5)
+        except Exception as e:
+            return describe(e)
 
     # --- the end ---------------------------------------------------------------------------
     def finish(self, wait: float) -> None:
