@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def launch(store: Store, *, seq: int, run_id: str, name: str, backend: str, spec
     private.make_dir(Path(store.home) / "logs")
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "on_done"}
     fields["inputs"] = spec.inputs.joined() if spec.inputs is not None else None
+    fields["plan"] = pickle.dumps(spec.plan) if spec.plan is not None else None  # (paths, hashes)
     body = msgpack.packb({"seq": seq, "run_id": run_id, "name": name, "backend": backend, "spec": fields,
                           "config": config, "settings": settings})
     path = folder / f"{run_id}.spec"
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     session = Session(config, store)
     spec = RunSpec(**data["spec"])
     spec.inputs = Inputs.from_joined(spec.inputs) if spec.inputs is not None else None
+    spec.plan = pickle.loads(spec.plan) if spec.plan is not None else None
     # Agents on other hosts outlive a dropped connection and are connected to again (backends.ssh).
     settings = {**data["settings"], "resumable": data["backend"] != "local"}
     log.info("keeping %s (%s) on %s", data["name"], data["run_id"], data["backend"])

@@ -53,7 +53,7 @@ class LiveRun:
                  on_done: list[Callable[["LiveRun"], None]], preload: bool = True, attempt: int = 0,
                  checkpoint: bytes | None = None, will_retry: Callable[["LiveRun"], bool] | None = None,
                  after_end: Callable[["LiveRun"], None] | None = None, trial: int | None = None,
-                 params: dict | None = None):
+                 params: dict | None = None, plan=None):
         self.store = store
         self.pool = pool
         self.seq = seq
@@ -91,6 +91,7 @@ class LiveRun:
         self.checkpoint_blob = checkpoint
         self.trial = trial
         self.params = params
+        self.plan = plan  # the folder and packages remote nodes need first (workdir.py)
         self.transfer: dict | None = None
         self._finishing = False
         self.rank_pids: dict[int, int] = {}

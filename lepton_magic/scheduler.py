@@ -21,6 +21,7 @@ from . import compat
 from .errors import LeptonError
 from .inputs import Inputs
 from .liverun import LiveRun
+from .workdir import Plan
 
 log = logging.getLogger("lepton_magic.scheduler")
 
@@ -50,6 +51,8 @@ class RunSpec:
     params: dict | None = None
     #: The run frees its inputs' shared memory when it ends (a sweep's trials share their sweep's).
     owns_inputs: bool = True
+    #: What remote nodes need before the ranks start: the mirrored folder, packages (workdir.py).
+    plan: "Plan | None" = None
     on_done: list[Callable] = field(default_factory=list)
 
 
@@ -201,6 +204,7 @@ class ScheduledRun:
             line_offset=spec.line_offset, inputs=spec.inputs, outputs=spec.outputs,
             explicit_outputs=spec.explicit_outputs, nodes=links, gpus=spec.gpus, env=spec.env,
             on_done=spec.on_done, preload=spec.preload, attempt=self.attempt, trial=spec.trial, params=spec.params,
+            plan=spec.plan,
             checkpoint=self.store.last_checkpoint(self.seq) if self.attempt else None,
             will_retry=self._will_retry, after_end=self._attempt_ended,
         )

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import cellcode, compat, kernel_shutdown, owners, values
+from . import backends, cellcode, compat, kernel_shutdown, owners, values
 from . import workdir as travel
 from .config import Config
 from .inputs import Inputs
@@ -249,10 +249,13 @@ class Session:
         )
         explicit = outputs is not None
         output_names = outputs if explicit else cellcode.assigned_names(tree)
+        # The folder and packages remote nodes need (the notebook's folder mirrored, --pip).
+        remote = backends.ranks_elsewhere(backend)
+        plan = travel.plan_run(self.config, remote, tree, namespace, input_names, workdir=workdir, pip=pip)
         spec = RunSpec(code=code, line_offset=line_offset, inputs=shipped, outputs=output_names,
                        explicit_outputs=explicit, nodes=nodes, gpus=gpus, env=env or {}, preload=not light,
                        local=backend == "local", retries=retries, retry_on_error=retry_on_error,
-                       timeout=timeout)
+                       timeout=timeout, plan=plan)
         run_id = f"r-{secrets.token_hex(4)}"
         record = dict(backend=backend, nodes=nodes, gpus=gpus, code=code, inputs=input_names, timeout=timeout,
                       env=env or {}, retries=retries)
@@ -263,14 +266,8 @@ class Session:
                                       namespace if bind else None, on_done)
 
         pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
-        # The folder and packages the nodes need (remote nodes: the notebook's folder mirrored).
-        plan = travel.plan_run(self.config, pool.backend.rank_cwd() is None, tree, namespace, input_names,
-                               workdir=workdir, pip=pip)
         seq, name = self.store.add_run(run_id, name, pool=pool.id, **record)
         callbacks: list[Callable[[LiveRun], None]] = [self._forget]
-        if plan is not None:
-            travel.register(run_id, plan)
-            callbacks.append(lambda live: travel.forget(run_id))
         if bind:
             callbacks.append(lambda live: self._queue_binding(namespace, live))
         if on_done is not None:

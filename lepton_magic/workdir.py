@@ -63,25 +63,6 @@ class Plan:
         return any(rel.startswith(MODULES_DIR + "/") for rel in self.files)
 
 
-_plans: dict[str, Plan] = {}
-_plans_lock = threading.Lock()
-
-
-def register(run_id: str, plan: Plan) -> None:
-    with _plans_lock:
-        _plans[run_id] = plan
-
-
-def forget(run_id: str) -> None:
-    with _plans_lock:
-        _plans.pop(run_id, None)
-
-
-def plan_for(run_id: str) -> Plan | None:
-    with _plans_lock:
-        return _plans.get(run_id)
-
-
 # --- at submit: what travels ------------------------------------------------------------------
 def plan_run(config, remote: bool, tree: ast.AST | None, namespace: dict, input_names: list[str],
              workdir: str | None = None, pip: str | None = None) -> Plan | None:
@@ -313,7 +294,7 @@ class NodeFailed(Exception):
 def prepare(live, first_ranks: dict[str, int]) -> dict[str, dict]:
     """Every node of the attempt made ready at once: {node: {"cwd": ..., "paths": [...]}}.
     Raises one LeptonError naming each node that could not be."""
-    plan = plan_for(live.run_id)
+    plan = live.plan
     if plan is None:
         return {}
     results: dict[str, dict] = {}

@@ -152,3 +152,28 @@ def test_nested_gitignore(tmp_path):
     (project / "data" / "x.tmp").write_text("no")
     plan = workdir.plan_run(Config.defaults(), True, None, {}, [], workdir=str(project))
     assert "data/x.tmp" not in plan.files and "data/train.csv" in plan.files
+
+
+def test_a_sweeps_trials_and_a_detached_run_get_the_folder_too(sshd, tmp_path):
+    """The plan travels with the run's spec: every trial of a sweep, and the keeper of a
+    detached run, mirror the folder before their ranks start."""
+    from lepton_magic.sweeps.space import make_spec
+
+    project = make_project(tmp_path / "proj")
+    session = ssh_session(sshd, tmp_path, nodes=2, preload="")
+    try:
+        code = "from models import Net\nlepton.log(step=0, loss=Net(width).forward([1])[0])\n"
+        sweep = session.submit(code, {}, nodes=2, workdir=str(project), sweep=make_spec("width=[2,5]"))
+        sweep.wait(120)
+        assert sweep.status == "succeeded", sweep.error
+        assert sorted(sweep.trials["objective"]) == [2.0, 5.0]
+
+        ns: dict = {}
+        detached = session.submit("from models import Net\nout = Net(7).forward([1])\n", ns, nodes=1,
+                                  workdir=str(project), detach=True)
+        detached.wait(120)
+        session.bind_pending(detached.seq)
+        assert detached.status == "succeeded", detached.error
+        assert ns["out"] == [7]
+    finally:
+        session.close()

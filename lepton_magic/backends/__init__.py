@@ -24,4 +24,10 @@ def create(name: str, settings: dict) -> Backend:
     raise ValueError(f"unknown backend {name!r}")
 
 
-__all__ = ["Backend", "NodeLink", "create"]
+def ranks_elsewhere(name: str) -> bool:
+    """The backend's ranks do not run in the notebook's folder (every backend but local's): the
+    folder is mirrored to them (workdir.py). Known by name: a detached run has no pool here."""
+    return name != "local"
+
+
+__all__ = ["Backend", "NodeLink", "create", "ranks_elsewhere"]
