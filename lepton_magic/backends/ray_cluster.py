@@ -128,7 +128,7 @@ def _quiet_home(home: Path):
 
 def first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(error).__name__}: {lines[0].rstrip('.') if lines else ''}"[:300]
 
 
 # --- placement --------------------------------------------------------------------------------
