@@ -132,6 +132,19 @@ def test_gpu_request_on_cpu_cluster_fails_at_once_saying_why(connected):
         session.close()
 
 
+def test_run_with_retries_goes_on_after_its_actor_is_killed(connected):
+    code = "import time\nfor i in range(30):\n    lepton.log(step=i, x=i)\n    time.sleep(0.05)\nattempt = lepton.attempt\n"
+    run = connected.submit(code, {}, nodes=2, retries=1)
+    _wait_for(lambda: len(run.metrics) >= 4, 60)
+    victim = run._live.nodes[0]
+    os.kill(connected.pool("ray").backend.placement(victim.name)["actor_pid"], signal.SIGKILL)
+    run.wait(60)
+    assert run.outputs["attempt"] == 1  # the second attempt, on a node Ray placed anew
+    attempts = run.attempts
+    assert len(attempts) == 2 and victim.name not in attempts["nodes"][1]
+    assert attempts["reason"][0].startswith(f"{victim.name} lost: its Ray actor died")
+
+
 def test_request_not_placed_in_time_gives_up_and_reserves_nothing(connected, capfd):
     session = _session(connected.config["ray_address"])
     session.config.set("ray_placement_timeout", "2.5s")
@@ -156,8 +169,8 @@ def test_cancel_mid_run_then_down_frees_the_placement_group(connected):
     run.wait_done(10)
     assert run.status == "cancelled" and time.monotonic() - started < 6
     pool = connected.pool("ray")
-    groups = _groups_of(pool.id)
-    assert groups and all(g["state"] == "CREATED" for g in groups)  # warm nodes keep theirs
+    held = [g for g in _groups_of(pool.id) if g["state"] != "REMOVED"]  # (those of lost nodes went)
+    assert held and all(g["state"] == "CREATED" for g in held)  # the warm nodes keep theirs
     connection.connect(connected.config["ray_address"])  # to look after the pool's went
     try:
         connected.down("ray")
