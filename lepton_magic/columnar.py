@@ -62,12 +62,18 @@ def arrow():
     return _pa or None
 
 
+_schema = None
+
+
 def schema():
-    pa = arrow()
-    return pa.schema([
-        ("rank", pa.int32()), ("step", pa.int64()), ("name", pa.dictionary(pa.int32(), pa.string())),
-        ("value", pa.float64()), ("time", pa.float64()), ("attempt", pa.int32()),
-    ])
+    global _schema
+    if _schema is None:
+        pa = arrow()
+        _schema = pa.schema([
+            ("rank", pa.int32()), ("step", pa.int64()), ("name", pa.dictionary(pa.int32(), pa.string())),
+            ("value", pa.float64()), ("time", pa.float64()), ("attempt", pa.int32()),
+        ])
+    return _schema
 
 
 _head: bytes | None = None
@@ -165,25 +171,29 @@ def _give_up(db, seq: int) -> None:
     db.execute("UPDATE metric_files SET bytes=? WHERE run=?", (BROKEN, seq))
 
 
+APPEND_STATE_SQL = (
+    "SELECT last_insert_rowid(), (SELECT id FROM runs WHERE seq=?1), f.id, f.bytes, f.points, f.first_rowid,"
+    " f.last_rowid, (SELECT MAX(rowid) FROM metrics WHERE run=?1 AND rowid<last_insert_rowid()-?2+1)"
+    " FROM (SELECT 1) LEFT JOIN metric_files f ON f.run=?1"
+)
+
+
 def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt) -> None:
-    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+    # One statement: the rows just inserted, the run, what its file holds, and the run's row
+    # before this batch (the file must end there, or rows were written without a copy).
+    last, run_id, file_id, *row, before = db.execute(APPEND_STATE_SQL, (seq, len(steps))).fetchone()
     first = last - len(steps) + 1
-    run = db.execute("SELECT id FROM runs WHERE seq=?", (seq,)).fetchone()
-    if run is None:
+    if run_id is None:
         return  # points of a run the store does not know: nothing reads them back as a run
-    run_id = run[0]
-    row = db.execute("SELECT id, bytes, points, first_rowid, last_rowid FROM metric_files WHERE run=?",
-                     (seq,)).fetchone()
-    if row is not None and row[0] == run_id and row[1] == BROKEN:
+    if file_id == run_id and row[0] == BROKEN:
         return
-    if row is None or row[0] != run_id:  # a new file (a reused seq gets a new one too)
+    if file_id != run_id:  # a new file (a reused seq gets a new one too)
         start, points, first_copied, last_copied = 0, 0, None, None
         db.execute("INSERT OR REPLACE INTO metric_files (run, id, bytes, points) VALUES (?, ?, 0, 0)",
                    (seq, run_id))
     else:
-        _id, start, points, first_copied, last_copied = row
+        start, points, first_copied, last_copied = row
     # Rows of this run the file lacks (written without a copy): copy them first, or give up.
-    before = db.execute("SELECT MAX(rowid) FROM metrics WHERE run=? AND rowid<?", (seq, first)).fetchone()[0]
     chunks: list[bytes] = []
     if before != last_copied:
         missing = db.execute("SELECT COUNT(*) FROM metrics WHERE run=? AND rowid>? AND rowid<?",
@@ -205,13 +215,19 @@ def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt
     points += len(steps)
     if first_copied is None:
         first_copied = first
-    path = file_path(home, run_id)
-    private.make_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, private.FILE_MODE)
+    path = os.path.join(home, FOLDER, run_id + SUFFIX)
+    if start == 0:
+        private.make_dir(os.path.dirname(path))
     try:
-        if os.fstat(fd).st_mode & private.SHARED_BITS:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, private.FILE_MODE)
+    except FileNotFoundError:  # the folder went away since this file was started
+        private.make_dir(os.path.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, private.FILE_MODE)
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & private.SHARED_BITS:
             os.fchmod(fd, private.FILE_MODE)
-        size = os.fstat(fd).st_size
+        size = info.st_size
         if size < start:  # committed bytes are gone: the file cannot be trusted any more
             _give_up(db, seq)
             return
