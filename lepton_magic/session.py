@@ -265,7 +265,10 @@ class Session:
             return self._submit_sweep(run_id, name, spec, record, sweep, nodes_given,
                                       namespace if bind else None, on_done)
 
-        pool = self.up(backend, 0)  # the run's acquire starts the nodes it lacks, saying why
+        # The run's acquire starts the nodes it lacks, saying why. A Ray pool reserves its nodes'
+        # GPUs when it is made: a first cell's --gpus shapes it (other pools take any node).
+        first_gpus = {"gpus": gpus} if backend == "ray" and gpus and self.pool(backend) is None else {}
+        pool = self.up(backend, 0, **first_gpus)
         seq, name = self.store.add_run(run_id, name, pool=pool.id, **record)
         callbacks: list[Callable[[LiveRun], None]] = [self._forget]
         if bind:

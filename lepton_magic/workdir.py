@@ -121,12 +121,21 @@ def manifest(plan: Plan, root: Path | None, extra: dict[str, Path], exclude: lis
             f"(--workdir none sends none)")
 
 
+def _home_inside(root: Path) -> list[str]:
+    """LEPTON_HOME when it lies inside the folder: the store changes as the run goes (its bytes
+    would not match their hash by the time they are sent), and it is private to this machine."""
+    from .store import default_home
+
+    home = default_home().resolve()
+    return [f"/{home.relative_to(root).as_posix()}/"] if _inside(home, root) and home != root else []
+
+
 def walk(root: Path, exclude: list[str]):
     """(relative path, path) of each file under ``root`` that no .gitignore there (nor
     ``exclude``, patterns in .gitignore syntax relative to ``root``) leaves out."""
     import pathspec
 
-    base_spec = pathspec.GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *exclude])
+    base_spec = pathspec.GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *exclude, *_home_inside(root)])
     specs_of: dict[str, list[tuple[str, object]]] = {}
     for folder, dirnames, filenames in os.walk(root):
         rel_folder = os.path.relpath(folder, root)

@@ -132,6 +132,17 @@ def test_gpu_request_on_cpu_cluster_fails_at_once_saying_why(connected):
         session.close()
 
 
+def test_a_first_cells_gpus_shape_the_ray_pool(connected):
+    """%%lepton --backend ray --gpus 1 with no %lepton up first: the pool's bundles ask for a GPU
+    (the cell's), so a CPU cluster says so, instead of placing CPU nodes the cell cannot use."""
+    session = _session(connected.config["ray_address"])
+    try:
+        with pytest.raises(LeptonError, match=r"Ray cannot place 1 node\(s\) of \{CPU: 1, GPU: 1\}"):
+            session.submit("x = 1\n", {}, backend="ray", nodes=1, gpus=1)
+    finally:
+        session.close()
+
+
 def test_run_with_retries_goes_on_after_its_actor_is_killed(connected):
     code = "import time\nfor i in range(30):\n    lepton.log(step=i, x=i)\n    time.sleep(0.05)\nattempt = lepton.attempt\n"
     run = connected.submit(code, {}, nodes=2, retries=1)

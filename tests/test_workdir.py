@@ -177,3 +177,13 @@ def test_a_sweeps_trials_and_a_detached_run_get_the_folder_too(sshd, tmp_path):
         assert ns["out"] == [7]
     finally:
         session.close()
+
+
+def test_lepton_home_inside_the_folder_is_never_sent(tmp_path, monkeypatch):
+    project = make_project(tmp_path / "proj")
+    home = project / "lepton-home"
+    (home / "runs").mkdir(parents=True)
+    (home / "store.sqlite").write_bytes(b"changing all the time")
+    monkeypatch.setenv("LEPTON_HOME", str(home))
+    sent = {rel for rel, _path in workdir.walk(project, [])}
+    assert "models.py" in sent and not any(rel.startswith("lepton-home") for rel in sent)
