@@ -1,19 +1,21 @@
 """A columnar copy of each run's metrics, for reading a run back at once.
 
 The SQLite ``metrics`` table stays the truth (the sweep driver, the tests and reconcile query it
-with SQL). Beside it, every batch ``Store.add_metrics`` writes is also appended, in the same
-write transaction, to one Arrow IPC stream per run: ``LEPTON_HOME/metrics/<run id>.arrows``
+with SQL). Beside it, every batch ``Store.add_metrics`` writes is also appended, right after its
+rows are committed (so the copy never delays them), to one Arrow IPC stream per run: ``LEPTON_HOME/metrics/<run id>.arrows``
 (private: 0600 in a 0700 folder), columns rank, step, name (dictionary-encoded), value, time,
 attempt, one record batch per call. It is a plain Arrow stream: ``pyarrow.ipc.open_stream`` or
 ``polars.read_ipc_stream`` read it.
 
 What makes it safe to read while a writer in another process appends, and after a crash, is a
-row per run in the ``metric_files`` table, written in the same transaction as the points: how
-many bytes of the file are committed, how many points they hold, and the rowids of the first
-and last ``metrics`` row they copy. A reader takes that row and the run's smallest and largest
+row per run in the ``metric_files`` table, written in the transaction that appends to the file
+(under SQLite's write lock, which orders writers of every process): how many bytes of the file
+are committed, how many points they hold, and the rowids of the first and last ``metrics`` row
+they copy. A writer finds rows committed without their copy (a crash between the two
+transactions, a writer without pyarrow) as a gap before its own batch and copies them first. A reader takes that row and the run's smallest and largest
 rowid in one statement (one snapshot; both lookups are on the ``metrics_run`` index, O(log n)),
 reads the committed prefix of the file only, and reads from SQL the rows after the last copied
-rowid (normally none). Whatever a crash left past the committed bytes is cut off by the next
+rowid (normally none, or the batch whose copy is on its way). Whatever a crash left past the committed bytes is cut off by the next
 writer. A file that is missing, shorter than its committed bytes, unreadable, or that does not
 hold what its row says, is not used: the reader falls back to SQL, and the writer stops
 appending to it (``bytes`` -1) rather than leave a hole.
@@ -149,20 +151,24 @@ def file_path(home: Path, run_id: str) -> Path:
 
 
 # --- writing --------------------------------------------------------------------------------
-def append(db, home: Path, seq: int, rank: int, steps: list, names: list, values: list, times: list,
-           attempt: int) -> None:
-    """Copy the batch just inserted into ``metrics`` (same transaction, ``db`` holding the write
-    lock) to the run's file and record what the file now holds. Never raises: the SQL rows stand
-    whatever happens to the copy."""
+def append(transaction, home: Path, seq: int, rank: int, steps: list, names: list, values: list,
+           times: list, attempt: int, last: int) -> None:
+    """Copy the batch just committed to ``metrics`` (its last rowid ``last``) to the run's file
+    and record what the file now holds, in a ``transaction()`` of its own (the SQLite write lock
+    orders writers of every process). The bytes are built first, outside any lock. Never raises:
+    the SQL rows stand whatever happens to the copy."""
     if not steps or arrow() is None:
         return
     try:
-        _append(db, Path(home), seq, rank, steps, names, values, times, attempt)
+        data = batch_bytes(rank, steps, names, values, times, attempt)
+        with transaction() as db:
+            _append(db, str(home), seq, len(steps), data, last)
     except Exception as e:  # noqa: BLE001 - a disk full or a bad value: the file is given up
         log.warning("lepton: the columnar copy of run %s's metrics stops (%s: %s); reads use SQL",
                     seq, type(e).__name__, e)
         try:
-            _give_up(db, seq)
+            with transaction() as db:
+                _give_up(db, seq)
         except Exception:  # noqa: BLE001
             pass
 
@@ -172,17 +178,17 @@ def _give_up(db, seq: int) -> None:
 
 
 APPEND_STATE_SQL = (
-    "SELECT last_insert_rowid(), (SELECT id FROM runs WHERE seq=?1), f.id, f.bytes, f.points, f.first_rowid,"
-    " f.last_rowid, (SELECT MAX(rowid) FROM metrics WHERE run=?1 AND rowid<last_insert_rowid()-?2+1)"
+    "SELECT (SELECT id FROM runs WHERE seq=?1), f.id, f.bytes, f.points, f.first_rowid,"
+    " f.last_rowid, (SELECT MAX(rowid) FROM metrics WHERE run=?1 AND rowid<?2)"
     " FROM (SELECT 1) LEFT JOIN metric_files f ON f.run=?1"
 )
 
 
-def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt) -> None:
-    # One statement: the rows just inserted, the run, what its file holds, and the run's row
-    # before this batch (the file must end there, or rows were written without a copy).
-    last, run_id, file_id, *row, before = db.execute(APPEND_STATE_SQL, (seq, len(steps))).fetchone()
-    first = last - len(steps) + 1
+def _append(db, home: str, seq: int, n: int, data: bytes, last: int) -> None:
+    # One statement: the run, what its file holds, and the run's row before this batch (the
+    # file must end there, or rows were committed without their copy: catch them up first).
+    first = last - n + 1
+    run_id, file_id, *row, before = db.execute(APPEND_STATE_SQL, (seq, first)).fetchone()
     if run_id is None:
         return  # points of a run the store does not know: nothing reads them back as a run
     if file_id == run_id and row[0] == BROKEN:
@@ -193,6 +199,8 @@ def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt
                    (seq, run_id))
     else:
         start, points, first_copied, last_copied = row
+        if last_copied is not None and first <= last_copied:
+            return  # a writer that came later copied these rows with its own (catching up)
     # Rows of this run the file lacks (written without a copy): copy them first, or give up.
     chunks: list[bytes] = []
     if before != last_copied:
@@ -211,8 +219,8 @@ def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt
             chunks.append(batch_bytes(r, [x[2] for x in group], [x[3] for x in group],
                                       [x[4] for x in group], [x[5] for x in group], a))
             points += len(group)
-    chunks.append(batch_bytes(rank, steps, names, values, times, attempt))
-    points += len(steps)
+    chunks.append(data)
+    points += n
     if first_copied is None:
         first_copied = first
     path = os.path.join(home, FOLDER, run_id + SUFFIX)
@@ -233,14 +241,14 @@ def _append(db, home: Path, seq: int, rank, steps, names, values, times, attempt
             return
         if size > start:  # what a writer that crashed before its commit left
             os.ftruncate(fd, start)
-        data = b"".join(([stream_head()] if start == 0 else []) + chunks)
-        written = os.pwrite(fd, data, start)
-        if written != len(data):
-            raise OSError(f"short write ({written} of {len(data)} bytes)")
+        blob = b"".join(([stream_head()] if start == 0 else []) + chunks)
+        written = os.pwrite(fd, blob, start)
+        if written != len(blob):
+            raise OSError(f"short write ({written} of {len(blob)} bytes)")
     finally:
         os.close(fd)
     db.execute("UPDATE metric_files SET bytes=?, points=?, first_rowid=?, last_rowid=? WHERE run=?",
-               (start + len(data), points, first_copied, last, seq))
+               (start + len(blob), points, first_copied, last, seq))
 
 
 def _runs_of(rows: list[tuple]) -> list[list[tuple]]:
