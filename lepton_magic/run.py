@@ -147,13 +147,13 @@ class Run:
         """Every logged point of every rank: columns rank, step, name, value, time, attempt. A
         run that was retried forms one curve: for a (rank, step, name) logged by several attempts
         the latest attempt's point is kept."""
-        df = self._store.frame(
-            "SELECT rank, step, name, value, time, attempt FROM metrics WHERE run=? ORDER BY rowid", (self.seq,)
-        )
         import pandas as pd
 
+        # from the run's columnar copy (store.metrics_frame falls back to SQL); names as codes too
+        df, codes = self._store.metrics_frame(self.seq)
         if len(df) and df["attempt"].iat[-1] > 0:
-            df = df.drop_duplicates(["rank", "step", "name"], keep="last").reset_index(drop=True)
+            keys = df[["rank", "step"]].assign(name=df["name"] if codes is None else codes)
+            df = df[~keys.duplicated(keep="last").to_numpy()].reset_index(drop=True)
         df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
         return df
 
@@ -173,12 +173,25 @@ class Run:
     @property
     def history(self) -> "pd.DataFrame":
         """Rank 0's metrics, wide: index step, one column per metric."""
-        df = self._store.frame(
-            "SELECT step, name, value FROM metrics WHERE run=? AND rank=0 ORDER BY rowid", (self.seq,)
-        )
+        table, _last = self._store.metric_table(self.seq)
+        if table is None:
+            df = self._store.frame(
+                "SELECT step, name, value FROM metrics WHERE run=? AND rank=0 ORDER BY rowid", (self.seq,)
+            )
+        else:  # the columnar copy: rank 0's rows, names as codes until the columns are named
+            from .columnar import column, name_codes
+            import pandas as pd
+
+            codes, names = name_codes(table)
+            mine = column(table, "rank") == 0
+            df = pd.DataFrame({"step": column(table, "step")[mine], "name": codes[mine],
+                               "value": column(table, "value")[mine].astype(float)})
         # The last value logged at each step wins; a NaN (a diverging loss) stays visible.
         last = df.drop_duplicates(["step", "name"], keep="last")
         wide = last.pivot(index="step", columns="name", values="value").sort_index()
+        if table is not None:
+            wide.columns = [names[c] for c in wide.columns]
+            wide = wide[sorted(wide.columns)]
         wide.columns.name = None
         return wide
 
@@ -261,6 +274,15 @@ class Run:
         return "\n".join(f"[rank {r}] {line}" for _id, r, _stream, line in rows)
 
     # --- control ---------------------------------------------------------------------------
+    def pull(self, path: str = ".", into: str | None = None) -> dict:
+        """Bring back what rank 0 wrote under ``path`` of its node's mirror of the notebook's
+        folder (checkpoints, figures), into the folder that was mirrored (or ``into``). Only
+        files whose hash differs from the local copy travel; returns files, bytes, unchanged."""
+        from . import workdir
+        from .session import default_session
+
+        return workdir.pull(self._session or default_session(), self, path, into)
+
     def wait(self, timeout: float | None = None) -> "Run":
         """Block until the run ends; raises its error if it failed, TimeoutError if still running."""
         if not self.wait_done(timeout):

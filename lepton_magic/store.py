@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import owners, private
+from . import columnar, owners, private
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools (
@@ -125,7 +125,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
-            self._db.executescript(SCHEMA)
+            self._db.executescript(SCHEMA + columnar.TABLE)
             for table, column, kind in MIGRATIONS:
                 have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
@@ -358,10 +358,31 @@ class Store:
         n = len(steps)
         rows = zip([seq] * n, [rank] * n, steps, names, values, times, [attempt] * n)
         with self._lock:
-            self._write_many("INSERT INTO metrics (run, rank, step, name, value, time, attempt)"
-                             " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            with self._transaction() as db:
+                db.executemany("INSERT INTO metrics (run, rank, step, name, value, time, attempt)"
+                               " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
             for listener in self._listeners.get(seq, ()):
                 listener(rank, steps, names, values)
+        # The columnar copy readers read back at once (columnar.py), once the rows are committed:
+        # built outside the lock, appended in a short transaction of its own.
+        columnar.append(self._transaction, self.home, seq, rank, steps, names, values, times, attempt, last)
+
+    def metric_table(self, seq: int):
+        """Every point of a run as an Arrow table (rowid order; columns rank, step, name,
+        value, time, attempt) read from its columnar copy, and the largest rowid it covers; the
+        table is None when the copy cannot be used (missing, broken, pyarrow absent): read SQL."""
+        return columnar.read(self.execute, self.home, seq)
+
+    def metrics_frame(self, seq: int):
+        """Every point of a run as a DataFrame (rank, step, name, value, time in seconds,
+        attempt; rowid order), from the columnar copy or else SQL, and the name column as int
+        codes (None when read from SQL)."""
+        table, _last = self.metric_table(seq)
+        if table is not None:
+            return columnar.frame(table)
+        return self.frame("SELECT rank, step, name, value, time, attempt FROM metrics WHERE run=? ORDER BY rowid",
+                          (seq,)), None
 
     def follow_metrics(self, seq: int, listener, after_rowid: int = 0) -> tuple[list[tuple], int]:
         """The metrics rows of a run after ``after_rowid``, and from then on every batch this

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..columnar import column, name_codes
 from ..store import TERMINAL, TRACEBACK_STREAM, Store
 from .downsample import Series
 
@@ -98,6 +99,7 @@ class RunView:
 
     # --- pieces ----------------------------------------------------------------------------
     def _refresh_metrics(self) -> None:
+        loaded = self._load_columnar() if not self._metric_cursor and not self._following else 0
         if self.follow and not self._following:
             rows, self._metric_cursor = self.store.follow_metrics(self.seq, self._on_batch, self._metric_cursor)
             self._following = True
@@ -115,7 +117,7 @@ class RunView:
             )
             if rows:
                 self._metric_cursor = rows[-1][0]
-        self.new_points = len(rows)
+        self.new_points = loaded + len(rows)
         grouped: dict[tuple[str, int], tuple[list, list]] = {}
         for _rowid, rank, step, name, value in rows:
             xs, ys = grouped.setdefault((name, rank), ([], []))
@@ -123,6 +125,52 @@ class RunView:
             ys.append(np.nan if value is None else value)
         for (name, rank), (xs, ys) in grouped.items():
             self._extend(name, rank, xs, ys)
+
+    def _load_columnar(self) -> int:
+        """The first read: every point so far from the run's columnar copy (no Python object per
+        point), batch by batch as a live view takes them, so a retry's re-logged steps replace
+        the earlier attempt's. Returns how many points; 0 leaves the first read to SQL."""
+        table, last = self.store.metric_table(self.seq)
+        if table is None or not table.num_rows:
+            return 0
+        codes, names = name_codes(table)
+        ranks, steps, values = column(table, "rank"), column(table, "step"), column(table, "value")
+        # Consecutive batches of a curve are joined and extended at once; a batch that goes back
+        # in steps (a retry) first lets the curve take what came before, then replaces from there.
+        pending: dict[tuple[str, int], list] = {}
+
+        def take(name: str, rank: int, xs, ys) -> None:
+            parts = pending.setdefault((name, rank), [])
+            if parts and len(xs) and xs[0] <= parts[-1][0][-1]:
+                flush(name, rank)
+                self._extend(name, rank, xs, ys)
+            else:
+                parts.append((xs, ys))
+
+        def flush(name: str, rank: int) -> None:
+            parts = pending.pop((name, rank), [])
+            if parts:
+                self._extend(name, rank, np.concatenate([p[0] for p in parts]),
+                             np.concatenate([p[1] for p in parts]))
+
+        start = 0
+        for chunk in table.column("rank").chunks:
+            end = start + len(chunk)
+            if end == start:
+                continue
+            r, c = ranks[start:end], codes[start:end]
+            if r[0] == r[-1] and c[0] == c[-1] and (r == r[0]).all() and (c == c[0]).all():
+                take(names[c[0]], int(r[0]), steps[start:end], values[start:end])
+            else:
+                for rank in dict.fromkeys(r.tolist()):
+                    for code in dict.fromkeys(c[r == rank].tolist()):
+                        mask = (r == rank) & (c == code)
+                        take(names[code], rank, steps[start:end][mask], values[start:end][mask])
+            start = end
+        for name, rank in list(pending):
+            flush(name, rank)
+        self._metric_cursor = last
+        return table.num_rows
 
     def _on_batch(self, rank, steps, names, values) -> None:
         self._batches.append((rank, steps, names, values))  # on the receiving thread: O(1) only
