@@ -252,6 +252,11 @@ class FrameWriter:
         with self._lock:
             write_all(self.fd, *parts)
 
+    def redirect(self, fd: int) -> None:
+        """Go on over a new connection (numbering goes on: the receiver refuses nothing new)."""
+        with self._lock:
+            self.fd = fd
+
 
 def frame_stream(header: Buffer) -> tuple[str, int, int]:
     """(channel, sender, sequence number) of a frame from its header (the sender's own frames:
@@ -543,6 +548,12 @@ class FrameReader:
     @property
     def rejected(self) -> int:
         return self.splitter.rejected
+
+    def redirect(self, fd: int) -> None:
+        """Go on reading a new connection from the same sender: what the old one cut in half is
+        dropped (the sender sends it again), the numbering of each stream is kept."""
+        self.fd = fd
+        self.splitter.reset_stream()
 
     def __iter__(self) -> Iterator[dict]:
         for _frame, message in self.envelopes():

@@ -168,10 +168,8 @@ class NodeLink:
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 5.0)
                 continue
-            self._reader.fd = read_fd
-            self._reader.splitter.reset_stream()
-            with self._writer._lock:
-                self._writer.fd = write_fd
+            self._reader.redirect(read_fd)
+            self._writer.redirect(write_fd)
             try:
                 with self._outbox_lock:
                     self._writer.send({"t": "resume", "have": self._reader.splitter.last_seqs()})
