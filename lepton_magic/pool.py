@@ -130,7 +130,7 @@ class Pool:
                 gpu_name=gpus[0]["name"] if gpus else None,
                 gpu_memory=gpus[0]["memory"] if gpus else None,
                 agent_pid=link.facts.get("pid"), python=link.facts.get("python"), last_seen=time.time(),
-                started=time.time(),
+                started=time.time(), place=link.place,
             )
             with self._changed:
                 self._idle_since[link.name] = time.monotonic()

@@ -486,7 +486,7 @@ class Session:
             return pd.DataFrame(columns=["pool", "node", "host", "status", "gpus", "cpu_percent"])
         marks = ",".join("?" for _ in ids)
         return self.store.frame(
-            f"SELECT pool, node, host, status, cpus, memory, gpus, gpu_name, python, torch, cpu_percent, "
+            f"SELECT pool, node, host, place, status, cpus, memory, gpus, gpu_name, python, torch, cpu_percent, "
             f"mem_used, last_seen FROM nodes WHERE pool IN ({marks}) ORDER BY node", ids
         )
 

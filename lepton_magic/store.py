@@ -93,6 +93,8 @@ MIGRATIONS = [
     ("runs", "trial", "INTEGER"),
     ("runs", "params", "TEXT"),
     ("runs", "pruned_step", "INTEGER"),
+    # where the backend put a node, in its own terms (a Ray node and the GPUs Ray assigned)
+    ("nodes", "place", "TEXT"),
 ]
 
 #: What a run whose kernel is gone reads as, and why.

@@ -88,6 +88,17 @@ def test_ddp_cell_on_two_raylets_with_every_metric(connected, capfd):
     assert list(nodes["host"]) == ["127.0.0.2", "127.0.0.2"]
     if where:  # STRICT_SPREAD: one node per raylet
         assert len({w["ray_node_id"] for w in where}) == 2
+    # The panel and the sidebar say which Ray node each one is on, and its GPUs (none here).
+    from lepton_magic.server.manager import LeptonManager
+    from lepton_magic.ui.model import RunView
+    from lepton_magic.ui.panel import node_table
+
+    places = {w["ray_node_id"][:12] for w in where}
+    assert len(places) == 2
+    shown = node_table(RunView(connected.store, run.seq).refresh().nodes)
+    assert all(f"ray node {p} · GPUs none" in shown for p in places)
+    api = next(p for p in LeptonManager(connected.store).pools() if p["id"] == pool.id)
+    assert {n["place"] for n in api["nodes"] if n["status"] != "released"} >= {f"ray node {p} · GPUs none" for p in places}
     assert "flood-marker 1 199" in run.logs(rank=1)
     # ...and through lepton's pipe only: Ray's log_to_driver would print it here too.
     assert "flood-marker" not in "".join(capfd.readouterr())

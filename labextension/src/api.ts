@@ -18,6 +18,8 @@ export const ACTIVE_STATUSES: ReadonlyArray<string> = [
 export interface IPoolNode {
   node: string;
   host: string;
+  /** Where the backend put it, in its own terms (a Ray node and the GPUs Ray assigned). */
+  place?: string | null;
   status: string;
   gpus: number;
   gpu_name: string | null;

@@ -308,7 +308,10 @@ function NodeView(props: {
     <div className="lepton-node" data-node={node.node}>
       <div className="lepton-node-line">
         <span className="lepton-node-name">{node.node}</span>
-        <span className="lepton-node-host">{node.host}</span>
+        <span className="lepton-node-host" title={node.place ?? undefined}>
+          {node.host}
+          {node.place ? ` · ${node.place}` : ''}
+        </span>
         <span
           className={`lepton-badge lepton-node-status lepton-status-${node.status}`}
         >

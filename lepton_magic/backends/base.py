@@ -66,6 +66,11 @@ class NodeLink:
         return self.facts.get("host", "?")
 
     @property
+    def place(self) -> str | None:
+        """Where the backend put the node, in its own terms, for the panels (None: its host says it)."""
+        return None
+
+    @property
     def gpu_count(self) -> int:
         return len(self.facts.get("gpus") or [])
 

@@ -44,6 +44,11 @@ class RayNodeLink(NodeLink):
     def facts(self, reported: dict) -> None:
         self._facts = placed(reported, self.placement) if reported else reported
 
+    @property
+    def place(self) -> str:
+        gpus = ",".join(map(str, self.placement["gpu_ids"])) or "none"
+        return f"ray node {self.placement['ray_node_id'][:12]} · GPUs {gpus}"
+
 
 def placed(reported: dict, placement: dict) -> dict:
     assigned = set(placement["gpu_ids"])

@@ -68,7 +68,8 @@ class LeptonManager:
             "idle_timeout": idle_timeout, "idle_remaining": remaining, "owner_pid": pool["owner_pid"],
             "events": self._pool_events(pool["id"]),
             "nodes": [{
-                "node": n["node"], "host": n["host"], "status": n["status"], "gpus": n["gpus"] or 0,
+                "node": n["node"], "host": n["host"], "place": n.get("place"), "status": n["status"],
+                "gpus": n["gpus"] or 0,
                 "gpu_name": n["gpu_name"], "cpu_percent": n["cpu_percent"], "mem_used": n["mem_used"],
                 "last_seen_ago": (now - n["last_seen"]) if n["last_seen"] else None,
             } for n in nodes],
@@ -109,7 +110,7 @@ class LeptonManager:
     def _detail(self, row: dict) -> dict:
         out = self._summary(row)
         view = self._view(row["seq"])
-        out["nodes"] = [{"node": n.node, "host": n.host, "ranks": n.ranks, "gpus": n.gpus,
+        out["nodes"] = [{"node": n.node, "host": n.host, "place": n.place, "ranks": n.ranks, "gpus": n.gpus,
                          "gpu_name": n.gpu_name, "status": n.status} for n in view.nodes]
         out["curves"] = {
             name: {str(rank): _pairs(*minmax(s.x, s.y, CURVE_BUCKETS)) for rank, s in per_rank.items()}

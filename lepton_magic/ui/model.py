@@ -37,6 +37,7 @@ class NodeRow:
     gpu_mem_used: int | None = None
     gpu_memory: int | None = None
     heartbeat_age: float | None = None
+    place: str | None = None  # where the backend put it (a Ray node, its GPUs)
 
 
 @dataclass
@@ -245,7 +246,7 @@ class RunView:
     def _refresh_nodes(self) -> None:
         rows = self.store.query(
             "SELECT rn.node, rn.host, rn.ranks, rn.gpus, rn.gpu_name, rn.status, n.cpu_percent, "
-            "n.telemetry, n.last_seen, n.gpu_memory FROM run_nodes rn JOIN runs r ON r.seq = rn.run "
+            "n.telemetry, n.last_seen, n.gpu_memory, n.place FROM run_nodes rn JOIN runs r ON r.seq = rn.run "
             "LEFT JOIN nodes n ON n.pool = r.pool AND n.node = rn.node WHERE rn.run=? ORDER BY rn.node",
             (self.seq,),
         )
@@ -264,7 +265,7 @@ class RunView:
                 cpu_percent=cpu if cpu is not None else row["cpu_percent"], rss=rss,
                 gpu_util=float(np.mean([g["util"] for g in gpus])) if gpus else None,
                 gpu_mem_used=sum(g["mem_used"] for g in gpus) if gpus else None,
-                gpu_memory=row["gpu_memory"],
+                gpu_memory=row["gpu_memory"], place=row["place"],
                 heartbeat_age=(now - row["last_seen"]) if row["last_seen"] else None,
             ))
 

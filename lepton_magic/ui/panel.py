@@ -54,6 +54,11 @@ def _num(value: float | None, fmt: str = "{:.0f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def _place(place: str | None) -> str:
+    """Where the backend put a node (a Ray node and its GPUs), under its host."""
+    return f'<br><small class="lepton-node-place">{html.escape(place)}</small>' if place else ""
+
+
 def node_table(rows: list[NodeRow]) -> str:
     head = ("<tr><th>node</th><th>host</th><th>ranks</th><th>GPUs</th><th>GPU util</th><th>GPU mem</th>"
             "<th>CPU %</th><th>RSS</th><th>status</th><th>heartbeat</th></tr>")
@@ -64,8 +69,9 @@ def node_table(rows: list[NodeRow]) -> str:
                    if r.gpu_mem_used is not None else "–")
         age = r.heartbeat_age
         beat = "–" if age is None else f"{age:.0f} s ago" + (" ⚠" if age > HEARTBEAT_LATE_SECONDS else "")
+        place = _place(r.place)
         body.append(
-            f'<tr class="lepton-node-row"><td>{html.escape(r.node)}</td><td>{html.escape(r.host)}</td>'
+            f'<tr class="lepton-node-row"><td>{html.escape(r.node)}</td><td>{html.escape(r.host)}{place}</td>'
             f"<td>{', '.join(map(str, r.ranks))}</td><td>{gpus}</td>"
             f"<td>{_num(r.gpu_util, '{:.0f} %')}</td><td>{gpu_mem}</td><td>{_num(r.cpu_percent)}</td>"
             f"<td>{_bytes(r.rss)}</td><td>{_badge(r.status, 'lepton-node-status')}</td><td>{beat}</td></tr>"
@@ -383,7 +389,7 @@ class PoolPanel:
         gpus = f"{r['gpus']} × {html.escape(r['gpu_name'])}" if r.get("gpus") and r.get("gpu_name") else "CPU"
         return (
             f'<tr class="lepton-node-row"><td>{html.escape(str(r["pool"]))}</td><td>{html.escape(r["node"])}</td>'
-            f"<td>{html.escape(str(r.get('host') or '?'))}</td><td>{gpus}</td>"
+            f"<td>{html.escape(str(r.get('host') or '?'))}{_place(r.get('place'))}</td><td>{gpus}</td>"
             f"<td>{_num(r.get('cpu_percent'))}</td><td>{_bytes(r.get('mem_used'))}</td>"
             f"<td>{html.escape(str(r.get('torch') or '–'))}</td><td>{_badge(r['status'], 'lepton-node-status')}</td>"
             f"<td>{'–' if age is None else f'{age:.0f} s ago'}</td></tr>"
