@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
+from test_detach import _wait_for
 from test_ssh import SSHD, ssh_session
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="needs openssh-server (sshd)")
@@ -23,16 +23,6 @@ for step in range({STEPS}):
     time.sleep(0.1)
 final = {{"steps": step + 1, "world": lepton.world_size}}
 """
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout:g} s"
-        time.sleep(0.05)
 
 
 def _cut_ssh_connections_of(pid: int, port: int) -> int:
