@@ -5,6 +5,7 @@ run.trials / run.best / run.study; a named study goes on in a later session."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 
@@ -261,3 +262,31 @@ def test_a_sweeps_timeout_stops_its_trials(session):
     assert run.wait_done(25) and run.status == "failed"
     assert "timed out after 2 s" in str(run.error)
     assert set(run.trials["status"]) == {"cancelled"} and len(run.trials) == 2
+
+
+def test_runs_side_by_side_on_one_machine_share_its_cores(session):
+    """Two trials at once on one host: each rank's thread count is the host's cores shared among
+    the ranks running there, not all of them (torchrun's rule across runs, not within one)."""
+    code = "import os, time\ntime.sleep(1.0)\nlepton.log(step=0, loss=x, threads=int(os.environ['OMP_NUM_THREADS']))\n"
+    run = session.submit(code, {}, nodes=2, sweep=make_spec("x=[1,2]"))
+    run.wait(60)
+    cpus = max(1, os.cpu_count() or 1)
+    threads = sorted(run.trials["last_threads"])
+    assert threads[0] == max(1, cpus // 2), threads  # the second to start saw the first running
+
+
+def test_each_metrics_best_goes_its_own_way_and_a_pruned_objective_is_its_value_at_the_prune(session):
+    code = ("import time\nfor step in range(40):\n"
+            "    lepton.log(step=step, loss=(100.0 + step) if k % 2 else 1.0 / (step + 1), acc=step / 40)\n"
+            "    time.sleep(0.05)\n")
+    run = session.submit(code, {}, nodes=2, sweep=make_spec("k=[0, 1, 2, 3]", prune="median",
+                                                            objective="min loss", parallel=1))
+    run.wait(120)
+    trials = run.trials
+    good = trials[trials["status"] == "succeeded"].iloc[0]
+    assert good["best_acc"] == good["last_acc"] == 39 / 40  # accuracy: the highest is best
+    assert good["best_loss"] == good["last_loss"] == 1.0 / 40  # loss: the lowest
+    pruned = trials[trials["status"] == "pruned"]
+    assert len(pruned) >= 1
+    for _n, row in pruned.iterrows():
+        assert row["objective"] == 100.0 + row["pruned_at_step"]  # not a value logged after the verdict
