@@ -142,24 +142,8 @@ class ScheduledRun:
         threading.Thread(target=self._start_when_placed, name=f"lepton-queued-{self.name}", daemon=True).start()
 
     def _start_when_placed(self) -> None:
-        spec = self.spec
-        try:
-            links = self.pool.acquire(spec.nodes, self.run_id, wanted=self._still_wanted)
-            try:
-                compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
-            except LeptonError:
-                self.pool.release_run(self.run_id)
-                raise
-        except Exception as e:
-            with self._lock:
-                stop = self._cancel
-            if stop is not None:
-                reason, failure = stop
-                self._end_between_attempts("failed" if failure else "cancelled", reason,
-                                           LeptonError(f"{self.name} {reason}") if failure else None)
-            else:
-                error = LeptonError(f"{self.name} could not start: {e}")
-                self._end_between_attempts("failed", str(error), error)
+        links = self._placed(self.run_id, "")
+        if links is None:
             return
         try:
             self._begin(links)
@@ -242,24 +226,9 @@ class ScheduledRun:
 
     def _retry(self) -> None:
         self._cancelled.wait(BACKOFF_SECONDS[min(self.attempt - 1, len(BACKOFF_SECONDS) - 1)])
-        spec = self.spec
-        try:
-            with self._lock:
-                if self._cancel is not None:
-                    raise _Cancelled(*self._cancel)
-            links = self.pool.acquire(spec.nodes, f"{self.run_id}.{self.attempt}", wanted=self._still_wanted)
-            try:
-                compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
-            except LeptonError:
-                self.pool.release_run(f"{self.run_id}.{self.attempt}")
-                raise
-        except _Cancelled as stop:
-            self._end_between_attempts("failed" if stop.failure else "cancelled", stop.reason,
-                                       LeptonError(f"{self.name} {stop.reason}") if stop.failure else None)
-            return
-        except Exception as e:  # no healthy nodes to be had: the run ends with why
-            error = LeptonError(f"{self.name} could not start attempt {self.attempt + 1}: {e}")
-            self._end_between_attempts("failed", str(error), error)
+        holder = f"{self.run_id}.{self.attempt}"
+        links = self._placed(holder, f" attempt {self.attempt + 1}")
+        if links is None:
             return
         try:
             self._start_attempt(links)
@@ -267,9 +236,36 @@ class ScheduledRun:
             if self.current.attempt == self.attempt:  # dispatch failed half-way: that attempt ends the run
                 self.current.abort(e)
                 return
-            self.pool.release_run(f"{self.run_id}.{self.attempt}")
+            self.pool.release_run(holder)
             error = LeptonError(f"{self.name} could not start attempt {self.attempt + 1}: {e}")
             self._end_between_attempts("failed", str(error), error)
+
+    def _placed(self, holder: str, what: str) -> list | None:
+        """Nodes for the next attempt, taken for ``holder`` (waiting in the pool's queue while
+        every node is busy) and checked. None when the run ended instead: cancelled meanwhile
+        (a cancel ends the wait), or no healthy nodes to be had, saying why."""
+        spec = self.spec
+        try:
+            if not self._still_wanted():
+                raise LeptonError("cancelled")
+            links = self.pool.acquire(spec.nodes, holder, wanted=self._still_wanted)
+            try:
+                compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
+            except LeptonError:
+                self.pool.release_run(holder)
+                raise
+            return links
+        except Exception as e:
+            with self._lock:
+                stop = self._cancel
+            if stop is not None:
+                reason, failure = stop
+                self._end_between_attempts("failed" if failure else "cancelled", reason,
+                                           LeptonError(f"{self.name} {reason}") if failure else None)
+            else:
+                error = LeptonError(f"{self.name} could not start{what}: {e}")
+                self._end_between_attempts("failed", str(error), error)
+            return None
 
     def _end_between_attempts(self, status: str, reason: str, error: LeptonError | None) -> None:
         """The run ends while no attempt runs (cancelled during the backoff, no nodes)."""
@@ -310,9 +306,3 @@ def _seconds(value: float) -> str:
     if value >= 60 and value % 60 == 0:
         return f"{value / 60:g} min"
     return f"{value:g} s"
-
-
-class _Cancelled(Exception):
-    def __init__(self, reason: str, failure: bool):
-        super().__init__(reason)
-        self.reason, self.failure = reason, failure
