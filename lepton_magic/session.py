@@ -96,9 +96,10 @@ class Session:
         with self._lock:
             names = [backend] if backend else list(self.pools)
             pools = [self.pools[n] for n in names if n in self.pools and not self.pools[n].closed]
-        with self._lock:
-            queued = [live for live in self.live.values() if live.pool in pools and live.status == "queued"]
-        for live in queued:  # waiting for nodes of a pool that goes: they end with its reason
+            going = [live for live in self.live.values() if live.pool in pools]
+        # Every run on those pools ends with that reason: running ones, queued ones waiting for
+        # nodes, sweeps (which would otherwise start their next trial on a pool that is gone).
+        for live in going:
             live.cancel(reason=reason)
         stopped = 0
         for pool in pools:

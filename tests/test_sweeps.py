@@ -290,3 +290,15 @@ def test_each_metrics_best_goes_its_own_way_and_a_pruned_objective_is_its_value_
     assert len(pruned) >= 1
     for _n, row in pruned.iterrows():
         assert row["objective"] == 100.0 + row["pruned_at_step"]  # not a value logged after the verdict
+
+
+def test_releasing_the_pool_cancels_a_sweep_with_the_pools_reason(session):
+    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, sweep=make_spec("x=[1,2,3,4]"))
+    deadline = time.monotonic() + 30
+    while len(session.store.query("SELECT 1 FROM runs WHERE parent=? AND status='running'", (run.seq,))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    session.down()
+    assert run.wait_done(30) and run.status == "cancelled"
+    assert session.store.run_row(run.seq)["reason"] == "the pool was released"
+    assert len(run.trials) == 2  # no trial was started on the pool that went
