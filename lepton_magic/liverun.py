@@ -98,6 +98,7 @@ class LiveRun:
         self._rank_node: dict[int, str] = {}
         self._started: set[int] = set()
         self._answered: set[int] = set()  # ranks that sent a result or an error
+        self._printing: set[int] = set()  # answered straight; their last lines still on the way
         self._exited: set[int] = set()
         self._result: dict | None = None
         self._cancel_reason: str | None = None
@@ -105,6 +106,11 @@ class LiveRun:
         self._lock = threading.RLock()
         self._timers: list[threading.Timer] = []
         self.replies = workdir.Replies()  # the nodes' answers while they are made ready
+
+    @property
+    def all_exited(self) -> bool:
+        """Every rank's process has ended (or its node was lost)."""
+        return len(self._exited) >= self.world_size
 
     @property
     def rank_nodes(self) -> dict[int, str]:
@@ -176,11 +182,13 @@ class LiveRun:
                     "threads": max(1, int(link.facts.get("cpus") or 1) // per_host[link.host]),
                 }))
         with self._lock:
-            _send_to_all(messages)
+            said = _dispatch(messages)
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
                                                 world_size=self.world_size, price_per_hour=self._price()))
             self.store.write(writes)
+            for link, message in said:  # what the agents would have said of ranks given jobs straight
+                self.on_message(link, message)
         self.inputs = None  # sent: do not keep a copy of every input of every run
 
     # --- events ----------------------------------------------------------------------------
@@ -207,7 +215,7 @@ class LiveRun:
                 self.store.write(writes)
         elif kind == "result":
             with self._lock:
-                self._answered.add(rank)
+                self._answer(rank, message)
                 if rank == 0:
                     self._result = message
             self._finish_if_answered()
@@ -215,7 +223,7 @@ class LiveRun:
             error = RemoteError(self.name, rank, link.name, message["type"], message["message"],
                                 message["traceback"], message.get("line"))
             with self._lock:
-                self._answered.add(rank)
+                self._answer(rank, message)
                 first = self.error is None
                 if first:
                     self.error = error
@@ -237,16 +245,27 @@ class LiveRun:
         elif kind == "exit":
             self._on_exit(link, rank, message.get("killed"))
 
+    def _answer(self, rank: int, message: dict) -> None:
+        """A rank's result or error. One sent straight by a rank that printed (``quiet`` False)
+        counts once its exit came: the agent reports the exit after the last of its lines."""
+        if message.get("quiet") is False:
+            self._printing.add(rank)
+        else:
+            self._answered.add(rank)
+
     def _on_exit(self, link: NodeLink, rank: int, killed: str | None) -> None:
         with self._lock:
             self._exited.add(rank)
+            if rank in self._printing:
+                self._printing.discard(rank)
+                self._answered.add(rank)
             crashed = rank not in self._answered and self._cancel_reason is None and self.error is None
             if crashed:
                 how = f"was killed ({killed})" if killed else "ended without a result (it crashed or was killed)"
                 self.error = LeptonError(f"rank {rank} on {link.name} {how}; see run.logs(rank={rank})")
                 self.lost = f"rank {rank} on {link.name} {how}"
             node_done = all(r in self._exited for r, n in self._rank_node.items() if n == link.name)
-            finished = len(self._exited) >= self.world_size
+            finished = len(self._exited) >= self.world_size or len(self._answered) >= self.world_size
         if node_done and not self.done.is_set():
             self.store.set_run_node_status(self.seq, link.name, "done")
         if finished:
@@ -484,12 +503,30 @@ OUTPUTS_FILE = "outputs.bin"
 PARALLEL_SEND_BYTES = 1 << 20
 
 
+def _dispatch(messages: list[tuple[NodeLink, dict]]) -> list[tuple[NodeLink, dict]]:
+    """Send each node its run message: straight to standby ranks where the node is on this
+    machine (backends/direct), else to its agent. Returns what the run records of the ranks
+    given jobs straight (their 'started')."""
+    said: list[tuple[NodeLink, dict]] = []
+    through_agents = []
+    for link, message in messages:
+        straight = link.direct.dispatch(message) if link.direct is not None and not _large(message) else None
+        if straight is None:
+            through_agents.append((link, message))
+        else:
+            said.extend((link, m) for m in straight)
+    _send_to_all(through_agents)
+    return said
+
+
+def _large(message: dict) -> bool:
+    return sum(memoryview(b).nbytes for b in message.get("_buffers") or []) >= PARALLEL_SEND_BYTES
+
+
 def _send_to_all(messages: list[tuple[NodeLink, dict]]) -> None:
     """Send each node its run message; large ones to all nodes at once (a pipe write blocks until
     its agent has read it: one after the other, the last node would wait for all the others)."""
-    large = [m for _link, m in messages
-             if sum(memoryview(b).nbytes for b in m.get("_buffers") or []) >= PARALLEL_SEND_BYTES]
-    if len(messages) < 2 or not large:
+    if len(messages) < 2 or not any(_large(m) for _link, m in messages):
         for link, message in messages:
             link.send(message)
         return

@@ -25,6 +25,8 @@ NODE_START_TIMEOUT = 60.0
 #: A node silent this long (agents beat every 2 s) is hung: lost, unless the pool's settings
 #: say otherwise (heartbeat_timeout).
 HEARTBEAT_TIMEOUT = 10.0
+#: How long an ended run still takes what its ranks send before their exits.
+ENDING_SECONDS = 30.0
 
 
 class Pool:
@@ -38,6 +40,9 @@ class Pool:
         self.nodes: list[NodeLink] = []
         self.busy: dict[str, str] = {}  # node name -> run id
         self.runs: dict[str, "LiveRun"] = {}
+        #: Runs that ended before every rank's exit came (a rank answers, then exits): what their
+        #: ranks still send (the last lines of C code or of a child) goes on to them a while.
+        self._ending: dict[str, tuple[float, "LiveRun"]] = {}
         self.closed = False
         self._run_ids: list[str] = []
         self._lock = threading.RLock()
@@ -283,7 +288,9 @@ class Pool:
     def release_run(self, run_id: str) -> None:
         with self._changed:
             self._give_back(run_id)
-            self.runs.pop(run_id, None)
+            run = self.runs.pop(run_id, None)
+            if run is not None and not run.all_exited:
+                self._ending[run_id] = (time.monotonic() + ENDING_SECONDS, run)
             self._changed.notify_all()  # a queued run may take them
 
     def _give_back(self, run_id: str) -> None:
@@ -298,9 +305,11 @@ class Pool:
         kind = message.get("t")
         run_id = message.get("run")
         if run_id is not None:
-            run = self.runs.get(run_id)
+            run = self.runs.get(run_id) or self._ending.get(run_id, (0, None))[1]
             if run is not None:
                 run.on_message(link, message)
+                if kind == "exit" and run_id in self._ending and run.all_exited:
+                    self._ending.pop(run_id, None)
             elif message.get("shm"):  # a result that came after its run ended: free its memory
                 sharedmem.discard(message["shm"])
             return
@@ -379,6 +388,10 @@ class Pool:
             time.sleep(1.0)
             ticks += 1
             self._lose_silent_nodes()
+            now = time.monotonic()
+            for run_id, (until, _run) in list(self._ending.items()):
+                if now > until:
+                    self._ending.pop(run_id, None)
             if ticks % 2 == 0:
                 self._beat()
             if ticks % 10 == 0:

@@ -17,6 +17,9 @@ import sys
 import traceback
 
 CTRL_FD = 3
+#: Where the agent gave the kernel the other end (nodes on the kernel's machine): the kernel
+#: sends the job and takes the rank's frames straight, without the agent's two wake-ups.
+DIRECT_FD = 4
 _PR_SET_PDEATHSIG = 1
 
 
@@ -31,7 +34,7 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def fork_standby(ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int:
+def fork_standby(ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool, direct_fd: int | None = None) -> int:
     """Fork a standby rank wired to the given descriptors; returns the child's pid."""
     parent = os.getpid()
     pid = os.fork()
@@ -39,7 +42,7 @@ def fork_standby(ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int
         return pid
     status = 1
     try:
-        _become_standby(parent, ctrl_fd, out_fd, err_fd)
+        _become_standby(parent, ctrl_fd, out_fd, err_fd, direct_fd)
         from .rank import serve
 
         status = serve(preloaded)
@@ -53,22 +56,23 @@ def fork_standby(ctrl_fd: int, out_fd: int, err_fd: int, preloaded: bool) -> int
         os._exit(status)
 
 
-def _become_standby(parent: int, ctrl_fd: int, out_fd: int, err_fd: int) -> None:
+def _become_standby(parent: int, ctrl_fd: int, out_fd: int, err_fd: int, direct_fd: int | None) -> None:
     os.setpgid(0, 0)  # own process group: cancel kills the rank and whatever it spawned
     die_with_parent(parent)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    # Park the three descriptors high, then move them to 1, 2 and 3 and close the rest.
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (out_fd, err_fd, ctrl_fd)]
+    # Park the descriptors high, then move them to 1, 2, 3 (and 4) and close the rest.
+    wired = [(1, out_fd), (2, err_fd), (CTRL_FD, ctrl_fd)] + ([(DIRECT_FD, direct_fd)] if direct_fd is not None else [])
+    high = [(target, fcntl.fcntl(fd, fcntl.F_DUPFD, 100)) for target, fd in wired]
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    for target, fd in zip((1, 2, CTRL_FD), high):
+    for target, fd in high:
         os.dup2(fd, target)
-    _close_fds_above(CTRL_FD)
+    _close_fds_above(wired[-1][0])
     sys.stdin = open(0, closefd=False)
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    sys.stdout = io.TextIOWrapper(CountedFile(1), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(CountedFile(2), line_buffering=True)
     sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
     import faulthandler
 
@@ -77,6 +81,21 @@ def _become_standby(parent: int, ctrl_fd: int, out_fd: int, err_fd: int) -> None
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
+
+
+class CountedFile(io.FileIO):
+    """The rank's stdout or stderr, counting what Python wrote to it: a rank that printed
+    nothing may answer the kernel straight (see rank.quiet_since)."""
+
+    written = 0  # by every instance: stdout and stderr alike
+
+    def __init__(self, fd: int):
+        super().__init__(fd, "w", closefd=False)
+
+    def write(self, data) -> int:
+        n = super().write(data)
+        CountedFile.written += n or 0
+        return n
 
 
 def _close_fds_above(keep: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 
 try:
     import psutil
@@ -17,13 +18,35 @@ except ImportError:  # a bare host: the little the agent needs, from /proc
     from . import procfs as psutil  # type: ignore[no-redef]
 
 
+#: A standby reads the interfaces while it waits (see warm_up); a job within this many seconds
+#: uses what it read, later ones read them again (a VPN may have come up meanwhile).
+ADDRESSES_FRESH_SECONDS = 30.0
+_addresses: tuple[float, dict] | None = None
+
+
+def warm_up() -> None:
+    """Read the interfaces ahead of a job: the first read in a process costs about 1 ms, on the
+    way of every short cell otherwise."""
+    global _addresses
+    _addresses = (time.monotonic(), psutil.net_if_addrs())
+
+
+def _net_if_addrs() -> dict:
+    if _addresses is None or time.monotonic() - _addresses[0] > ADDRESSES_FRESH_SECONDS:
+        warm_up()
+    return _addresses[1]
+
+
 def interface_for(address: str) -> str | None:
     """The interface this machine uses to reach ``address`` (the one holding it, if local)."""
     try:
-        ip = ipaddress.ip_address(socket.gethostbyname(address))
-    except (OSError, ValueError):
-        return None
-    for name, addrs in psutil.net_if_addrs().items():
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # a name: resolve it
+        try:
+            ip = ipaddress.ip_address(socket.gethostbyname(address))
+        except (OSError, ValueError):
+            return None
+    for name, addrs in _net_if_addrs().items():
         for a in addrs:
             if a.family == socket.AF_INET and a.address == str(ip):
                 return name
@@ -62,7 +85,7 @@ def is_loopback(address: str) -> bool:
 
 
 def loopback_interface() -> str | None:
-    for name, addresses in psutil.net_if_addrs().items():
+    for name, addresses in _net_if_addrs().items():
         if any(a.family == socket.AF_INET and is_loopback(a.address) for a in addresses):
             return name
     return None

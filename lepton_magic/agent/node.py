@@ -60,6 +60,8 @@ KILL_GRACE_SECONDS = 2.0
 #: A run that comes before any zygote is ready waits this long for the light one (a bare fork,
 #: ready in milliseconds).
 ZYGOTE_WAIT_SECONDS = 10.0
+#: An offered standby that ended is kept this long for the kernel's word on whose rank it was.
+UNCLAIMED_SECONDS = 60.0
 
 
 class RankProcess:
@@ -87,6 +89,12 @@ class RankProcess:
         self.pidfd: int | None = None  # readable once the process has exited (Linux 5.3+)
         self.ended = False
         self.preempt_pending = False  # a spot notice came before its pid (see on_hello)
+        #: On the kernel's machine: the kernel's end of the standby's direct socket, until it is
+        #: offered to the kernel (see Agent.offer); then the kernel alone may give it a job.
+        self.direct_end: socket.socket | None = None
+        self.offered = False
+        self.sid = 0  # the standby's number in this agent's offers
+        self.early = {1: b"", 2: b""}  # output of an offered standby before the kernel said whose
 
     def key_for(self, channel: str) -> bytes | None:
         """The control socket's key for hello; its run's key, once it has one, for the rest."""
@@ -130,7 +138,7 @@ class Agent:
     def __init__(self, node: str, key: bytes, kernel_in: int, kernel_out: int,
                  zygotes: dict[bool, socket.socket], parent_pid: int | None = None,
                  spot_watcher: spot.SpotWatcher | None = None, resume: "Resume | None" = None,
-                 kernel_timeout: float | None = None):
+                 kernel_timeout: float | None = None, direct: socket.socket | None = None):
         self.node = node
         self.key = key
         self.kernel_in: int | None = kernel_in
@@ -162,6 +170,12 @@ class Agent:
         self.preempting: dict | None = None  # the spot notice this node got, if any
         self.last_run_end = 0.0
         # The mirror of the notebook's folder and the run's packages (agent/prepare.py).
+        #: Nodes on the kernel's machine: the socket standbys are offered to the kernel on.
+        self.direct = direct
+        self.standbys_made = 0
+        #: Offered standbys that ended before the kernel said whose they were: a short cell's
+        #: rank may be done before the kernel's 'assigned' arrives. Kept (output and all) a while.
+        self.unclaimed: dict[int, tuple[float, RankProcess]] = {}
         self.preparer = Preparer(node, self.out.send,
                                  lambda fd, install: self.sel.register(fd, selectors.EVENT_READ, ("install", install)),
                                  self.sel.unregister)
@@ -392,6 +406,8 @@ class Agent:
         kind = message.get("t")
         if kind == "run":
             self.start_run(message)
+        elif kind == "assigned":
+            self.on_assigned(message)
         elif kind == "cancel":
             self.cancel(message["run"])
         elif kind == "shutdown":
@@ -441,6 +457,59 @@ class Agent:
         the way of a short cell, and the rank is not preempted right after it got its job."""
         self.out.send({"t": "started", "run": proc.run, "rank": proc.rank, "pid": proc.pid, "time": time.time()})
 
+    def offer(self, proc: RankProcess) -> None:
+        """Give the kernel a greeted standby's direct socket: the kernel sends it a job and reads
+        its frames straight. The socket is the proof of origin, and frames are signed as ever:
+        the job with the standby's control key, its answers with its run's key."""
+        about = msgpack.packb({"standby": proc.sid, "pid": proc.pid, "key": proc.control_key,
+                               "preloaded": proc.preloaded})
+        try:
+            socket.send_fds(self.direct, [about], [proc.direct_end.fileno()])
+            proc.offered = True
+        except OSError as e:  # the kernel is not taking offers: the standby stays this agent's
+            if not isinstance(e, BlockingIOError):
+                print(f"lepton agent {self.node}: could not offer a standby to the kernel ({e})",
+                      file=sys.stderr, flush=True)
+            return
+        proc.direct_end.close()
+        proc.direct_end = None
+
+    def on_assigned(self, message: dict) -> None:
+        """The kernel gave offered standbys a job of its run: they are that run's ranks now (their
+        output, their end, a cancel). A standby that died meanwhile is reported as not started."""
+        run = message["run"]
+        key = run_key(self.key, run)
+        by_sid = {r.sid: r for r in self.ranks if r.offered and r.run is None}
+        for sid, rank in message["ranks"]:
+            proc = by_sid.get(sid)
+            gone = None if proc is not None else self.unclaimed.pop(sid, (0, None))[1]
+            if gone is not None:  # it ran its job and is gone already (reaped)
+                gone.assign(run, rank, key)
+                self.take_early_output(gone)
+                self.drain_output(gone, final=True)
+                self.report_exit(gone)
+                continue
+            if proc is None:
+                self.out.send({"t": "error", "run": run, "rank": rank, "type": "LeptonError",
+                               "message": f"could not start rank {rank} on {self.node}: its process ended "
+                                          "before the job reached it", "traceback": "", "line": None})
+                self.out.send({"t": "exit", "run": run, "rank": rank, "pid": None, "killed": None,
+                               "time": time.time()})
+                continue
+            proc.assign(run, rank, key)
+            self.take_early_output(proc)
+            if proc.ended:  # gone too, not reaped yet: reap reports its exit
+                self.drain_output(proc, final=True)
+            elif self.preempting is not None:
+                proc.tell_preempting()
+
+    def take_early_output(self, proc: RankProcess) -> None:
+        """What an offered standby printed before the kernel's word came: its run's now."""
+        for stream in (1, 2):
+            early, proc.early[stream] = proc.early[stream], b""
+            if early:
+                self.take_output(proc, stream, early)
+
     def cancel(self, run: str) -> None:
         for r in self.ranks:
             if r.run == run and r.killed is None:
@@ -462,9 +531,10 @@ class Agent:
                     r.tell_preempting()
 
     # --- standbys --------------------------------------------------------------------------
-    def idle(self, preloaded: bool | None = None) -> list[RankProcess]:
+    def idle(self, preloaded: bool | None = None, offered: bool = True) -> list[RankProcess]:
+        """Standbys without a job (with ``offered=False``, only those the kernel was not given)."""
         return [r for r in self.ranks if r.run is None and r.open == 3 and not r.ended
-                and (preloaded is None or r.preloaded == preloaded)]
+                and (preloaded is None or r.preloaded == preloaded) and (offered or not r.offered)]
 
     def take_standby(self, preloaded: bool) -> RankProcess:
         """An idle standby of the kind asked for: ``preloaded`` ones were forked from the
@@ -472,9 +542,9 @@ class Agent:
         cells that need neither)."""
         if not any(self.zygote_ready.values()):
             self.await_light_zygote()
-        idle = self.idle(preloaded)
+        idle = self.idle(preloaded, offered=False)
         if not idle and preloaded and not self.zygote_ready[True]:
-            idle = self.idle(False)  # the zygote is still importing: a light one will import itself
+            idle = self.idle(False, offered=False)  # the zygote is still importing: a light one will import itself
         idle.sort(key=lambda r: not r.greeted)
         return idle[0] if idle else self.new_standby(preloaded)
 
@@ -503,9 +573,18 @@ class Agent:
         os.set_blocking(out_r, False)
         os.set_blocking(err_r, False)
         proc = RankProcess(ctrl, out_r, err_r)
-        socket.send_fds(self.zygotes[ready[0]], [zygote.FORK], [child_ctrl.fileno(), out_w, err_w])
+        fds = [child_ctrl.fileno(), out_w, err_w]
+        child_direct = None
+        if self.direct is not None:
+            proc.direct_end, child_direct = socket.socketpair()
+            fds.append(child_direct.fileno())
+        socket.send_fds(self.zygotes[ready[0]], [zygote.FORK], fds)
         proc.preloaded = ready[0]
+        self.standbys_made += 1
+        proc.sid = self.standbys_made
         child_ctrl.close()
+        if child_direct is not None:
+            child_direct.close()
         os.close(out_w)
         os.close(err_w)
         self.sel.register(ctrl, selectors.EVENT_READ, ("ctrl", proc))
@@ -585,6 +664,10 @@ class Agent:
         self.watch(proc)
         if proc.run is not None:
             self.announce(proc)
+        if proc.direct_end is not None and proc.run is None and not proc.ended:
+            self.offer(proc)
+        # (One given a job by this agent before its hello is never offered; its direct socket
+        # stays open until it ends, so the standby never mistakes its end for being retired.)
         if proc.kill_pending:
             proc.signal(proc.kill_pending)
         elif proc.preempt_pending:
@@ -612,8 +695,14 @@ class Agent:
             self.close_fd(proc, "out" if stream == 1 else "err")
             return
         if proc.run is None:
-            print(data.decode(errors="replace"), end="", file=sys.stderr)  # standby noise
+            if proc.offered:  # the kernel may have given it a job already: keep it until it says
+                proc.early[stream] += data
+            else:
+                print(data.decode(errors="replace"), end="", file=sys.stderr)  # standby noise
             return
+        self.take_output(proc, stream, data)
+
+    def take_output(self, proc: RankProcess, stream: int, data: bytes) -> None:
         *lines, proc.partial[stream] = (proc.partial[stream] + data).split(b"\n")
         self.add_lines(proc, stream, lines)
         if proc.partial[stream] and proc.rank is not None:
@@ -658,7 +747,7 @@ class Agent:
         proc.ended = True
         while proc.ctrl is not None and _readable(proc.ctrl):  # EOF counts as readable
             self.on_ctrl(proc)
-        if proc.run is not None:
+        if proc.run is not None or proc.offered:
             self.drain_output(proc, final=True)
         if proc.pid:
             try:
@@ -681,6 +770,9 @@ class Agent:
     def discard(self, proc: RankProcess) -> None:
         for which in ("ctrl", "out", "err"):
             self.close_fd(proc, which)
+        if proc.direct_end is not None:
+            proc.direct_end.close()
+            proc.direct_end = None
         if proc.pidfd is not None:
             try:
                 self.sel.unregister(proc.pidfd)
@@ -709,15 +801,24 @@ class Agent:
     def reap(self) -> None:
         """Report the ranks that ended (their pidfd fired, or without pidfds every descriptor
         closed), then fork standbys to replace them."""
+        now = time.monotonic()
         for proc in [r for r in self.ranks if r.open == 0 and r.pidfd is None]:
             self.ranks.remove(proc)
             if proc.run:
-                self.last_run_end = time.monotonic()
-                self.flush_logs()
-                self.out.send({"t": "exit", "run": proc.run, "rank": proc.rank, "pid": proc.pid,
-                               "killed": proc.killed, "time": time.time()})
+                self.report_exit(proc)
+            elif proc.offered:
+                self.unclaimed[proc.sid] = (now, proc)
+        for sid, (since, _proc) in list(self.unclaimed.items()):
+            if now - since > UNCLAIMED_SECONDS:
+                del self.unclaimed[sid]
         if self.running:
             self.replenish()
+
+    def report_exit(self, proc: RankProcess) -> None:
+        self.last_run_end = time.monotonic()
+        self.flush_logs()
+        self.out.send({"t": "exit", "run": proc.run, "rank": proc.rank, "pid": proc.pid,
+                       "killed": proc.killed, "time": time.time()})
 
 
 _STREAMS = {1: "stdout", 2: "stderr"}
@@ -790,6 +891,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --resume-socket: seconds to wait for a kernel once no run is left")
     parser.add_argument("--kernel-timeout", type=float, default=None,
                         help="the kernel is gone when it has sent nothing for this many seconds")
+    parser.add_argument("--direct-fd", type=int, default=None,
+                        help="a Unix socket to the kernel on this machine: standbys are offered on it")
     args = parser.parse_args(argv)
     if args.resume_socket:
         try:
@@ -809,8 +912,12 @@ def main(argv: list[str] | None = None) -> None:
                for preloaded, modules in ((False, []), (True, preload)) if modules or not preloaded}
     for sock in zygotes.values():
         sock.setblocking(False)
+    direct = None
+    if args.direct_fd is not None:
+        direct = socket.socket(fileno=args.direct_fd)
+        direct.setblocking(False)  # a kernel that takes no offers must never hold up this loop
     key = read_exact(kernel_in, KEY_SIZE)
     resume = Resume(os.path.expanduser(args.resume_socket), args.linger) if args.resume_socket else None
     Agent(args.node, key, kernel_in, kernel_out, zygotes, args.parent_pid, _spot_watcher(args), resume,
-          args.kernel_timeout).serve()
+          args.kernel_timeout, direct).serve()
     os._exit(0)

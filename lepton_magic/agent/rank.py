@@ -6,19 +6,23 @@ it was forked before the job arrived, so the fork is not on the critical path.
 
 from __future__ import annotations
 
+import array
 import builtins
+import fcntl
 import linecache
 import os
 import signal
 import sys
+import termios
 import time
 import traceback
 import types
 
 from .. import sharedmem, staging, values
 from ..cellcode import CELL_FILENAME, padded_source
-from ..protocol import KEY_SIZE, FrameReader, FrameWriter, read_exact
-from .forking import CTRL_FD
+from ..protocol import KEY_SIZE, FrameReader, FrameWriter, encode, read_exact
+from . import network
+from .forking import CTRL_FD, DIRECT_FD, CountedFile
 from .runtime import Lepton, environ_for
 
 
@@ -35,16 +39,86 @@ def serve(preloaded: bool) -> int:
     except EOFError:
         return 0  # the agent retired this standby before it started
     FrameWriter(CTRL_FD, control_key).send({"t": "hello", "pid": os.getpid(), "preloaded": preloaded})
-    job = FrameReader(CTRL_FD, control_key, source="agent").read()
+    _rehearse(control_key)  # while no job waits for it
+    # The job comes from the agent, or, where the agent offered this standby to the kernel (on
+    # the kernel's machine), from the kernel on the direct socket, signed with the same key.
+    fd = _job_source()
+    job = FrameReader(fd, control_key, source="kernel" if fd == DIRECT_FD else "agent").read()
     if job is None or job.get("t") != "job":
-        return 0  # the agent retired this standby
+        return 0  # the agent or the kernel retired this standby
+    if fd != DIRECT_FD and _has_fd(DIRECT_FD):
+        os.close(DIRECT_FD)
     # From here on this rank speaks with its run's key (no other key but its control socket's
-    # was ever in this process): the agent relays its frames for this run and this rank only.
+    # was ever in this process): whoever sent the job takes its frames for this run and this
+    # rank only (the agent relays them to the kernel; the kernel reads them straight).
     rank = job["rank_offset"] + job["local_rank"]
-    return run_job(job, FrameWriter(CTRL_FD, job.pop("key"), channel=job["run"], sender=rank))
+    return run_job(job, FrameWriter(fd, job.pop("key"), channel=job["run"], sender=rank))
+
+
+def _rehearse(key: bytes) -> None:
+    """Go through a job's steps once on a dummy job, off the critical path. A standby is a fresh
+    fork: the first time it runs any code it copies the pages it writes to and fills cold
+    caches (about 1 ms for ``x = 1``, more than the job itself); a job should find that done.
+    Only steps without lasting effects are rehearsed (no signal handlers, no fork hooks)."""
+    network.warm_up()
+    dummy = {"run": "r-rehearsal", "rank_offset": 0, "local_rank": 0, "world_size": 1, "local_world_size": 1,
+             "node_rank": 0, "nnodes": 1, "master_addr": "127.0.0.1", "master_port": 29500, "node": "rehearsal",
+             "threads": 1}
+    before = dict(os.environ)
+    os.environ.update(environ_for(dummy, 0))
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    os.environ.update(before)
+    lepton = Lepton(run="r-rehearsal", rank=0, local_rank=0, world_size=1, node="rehearsal", node_rank=0,
+                    send=lambda message: None)
+    namespace = {"__builtins__": builtins, "lepton": lepton}
+    exec(compile(padded_source("x = 1", 1), CELL_FILENAME, "exec"), namespace)
+    collect_outputs(namespace, ["x"], False)
+    lepton.close()
+    encode(key, {"t": "result", "run": "r-rehearsal", "rank": 0, "outputs": b"", "names": ["x"], "time": time.time()},
+           channel="r-rehearsal")
+    quiet_since(CountedFile.written)
+
+
+def _job_source() -> int:
+    """The descriptor the job arrives on: the direct socket when the kernel wrote to it (or
+    closed it: retired), else the control socket (a job from the agent, or its end)."""
+    if not _has_fd(DIRECT_FD):
+        return CTRL_FD
+    import select
+
+    readable, _, _ = select.select([CTRL_FD, DIRECT_FD], [], [])
+    return DIRECT_FD if DIRECT_FD in readable else CTRL_FD
+
+
+def _has_fd(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting to be read on ``fd`` (a socket or a pipe)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def quiet_since(written_before: int) -> bool:
+    """Nothing the rank printed can still be on its way: Python wrote nothing to stdout or
+    stderr since ``written_before``, and nothing waits in either pipe for the agent to read.
+    (What C code wrote and the agent has already read may reach the kernel after the answer;
+    the kernel still stores it: a run takes lines until its ranks' exits.)"""
+    return CountedFile.written == written_before and not _pending(1) and not _pending(2)
 
 
 def run_job(job: dict, writer: FrameWriter) -> int:
+    printed_before = CountedFile.written
     local_rank = job["local_rank"]
     rank = job["rank_offset"] + local_rank
     run = job["run"]
@@ -76,7 +150,7 @@ def run_job(job: dict, writer: FrameWriter) -> int:
         try:  # one pickle: objects that share state in the notebook share it here too
             namespace.update(_load_inputs(job))
         except Exception as e:
-            return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ")
+            return _fail(writer, lepton, job, e, f"could not load the inputs on {job['node']}: ", printed_before)
     # A sweep's trial: its parameters are plain variables of the cell, as if the notebook had them.
     namespace.update(job.get("params") or {})
 
@@ -85,7 +159,7 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     try:
         exec(compile(source, CELL_FILENAME, "exec"), namespace)
     except BaseException as e:  # KeyboardInterrupt and SystemExit are failures of the cell too
-        return _fail(writer, lepton, job, e)
+        return _fail(writer, lepton, job, e, printed_before=printed_before)
 
     result: dict = {"t": "result", "run": run, "rank": rank}
     if rank == 0:
@@ -111,6 +185,8 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     lepton.close()
     _flush_std()
     result["time"] = time.time()
+    if job.get("direct"):
+        result["quiet"] = quiet_since(printed_before)
     writer.send(result, final=True)
     return 0
 
@@ -203,7 +279,8 @@ def collect_outputs(namespace: dict, names: list[str], explicit: bool):
     return blob, buffers, list(chosen), skipped
 
 
-def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, prefix: str = "") -> int:
+def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, prefix: str = "",
+          printed_before: int = 0) -> int:
     tb = error.__traceback__
     # Drop the frames of this module: the user's traceback starts in their cell.
     while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
@@ -224,19 +301,19 @@ def _fail(writer: FrameWriter, lepton: Lepton, job: dict, error: BaseException, 
     except BaseException:
         pass
     _flush_std()
-    writer.send(
-        final=True,
-        message={
-            "t": "error",
-            "run": job["run"],
-            "rank": lepton.rank,
-            "type": type(error).__name__,
-            "message": prefix + str(error),
-            "traceback": "".join(lines),
-            "line": cell_line,
-            "time": time.time(),
-        }
-    )
+    message = {
+        "t": "error",
+        "run": job["run"],
+        "rank": lepton.rank,
+        "type": type(error).__name__,
+        "message": prefix + str(error),
+        "traceback": "".join(lines),
+        "line": cell_line,
+        "time": time.time(),
+    }
+    if job.get("direct"):
+        message["quiet"] = quiet_since(printed_before)
+    writer.send(message, final=True)
     return 1
 
 

@@ -8,8 +8,9 @@ The zygote runs no Python threads, no torch operation, and never touches CUDA, s
 may use CUDA and torch's thread pools freely. (numpy's OpenBLAS starts idle native threads at
 import; OpenBLAS registers its own fork handlers for exactly this.) The agent runs a second,
 light zygote with nothing preloaded, for cells that need neither.
-The agent asks for a standby by sending the three descriptors the child will use (control
-socket, stdout pipe, stderr pipe) over a SOCK_SEQPACKET pair with SCM_RIGHTS.
+The agent asks for a standby by sending the descriptors the child will use (control socket,
+stdout pipe, stderr pipe, and on the kernel's machine a socket the kernel holds the other end
+of) over a SOCK_SEQPACKET pair with SCM_RIGHTS.
 """
 
 from __future__ import annotations
@@ -88,12 +89,12 @@ def serve(sock: socket.socket, preload: list[str]) -> int:
     sock.send(READY + msgpack.packb(info))
     while True:
         try:
-            message, fds, _flags, _addr = socket.recv_fds(sock, 16, 3)
+            message, fds, _flags, _addr = socket.recv_fds(sock, 16, 4)
         except OSError:
             return 0
         if not message:
             return 0  # the agent is gone
-        if message == FORK and len(fds) == 3:
-            fork_standby(fds[0], fds[1], fds[2], preloaded=True)
+        if message == FORK and len(fds) in (3, 4):  # the fourth: a direct line to the kernel
+            fork_standby(fds[0], fds[1], fds[2], preloaded=True, direct_fd=fds[3] if len(fds) == 4 else None)
         for fd in fds:
             os.close(fd)

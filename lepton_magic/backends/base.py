@@ -7,9 +7,12 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..protocol import Frame, FrameReader, FrameWriter, ProtocolError, node_key, run_key, write_all
+
+if TYPE_CHECKING:
+    from .direct import DirectRanks
 
 log = logging.getLogger("lepton_magic.backends")
 
@@ -52,6 +55,8 @@ class NodeLink:
         self.stopped = False  # stopped on purpose: no coming back
         self._outbox: list[dict] = []  # what was sent while the connection was down
         self._outbox_lock = threading.Lock()
+        #: Nodes on the kernel's machine: the standbys the agent offered (see backends/direct).
+        self.direct: "DirectRanks | None" = None
         write_all(write_fd, self._key)  # the agent's first read: its key
         self._thread = threading.Thread(target=self._read, name=f"lepton-{name}", daemon=True)
         self._thread.start()
@@ -102,6 +107,16 @@ class NodeLink:
     def _key_for(self, channel: str) -> bytes:
         return self._key if channel == "" else run_key(self._key, channel)
 
+    def run_key(self, run: str) -> bytes:
+        """The key a run's ranks on this node sign with (what the agent gives each in its job)."""
+        return run_key(self._key, run)
+
+    def deliver_rank_message(self, frame: Frame, message: dict, rank: int) -> None:
+        """A message rank ``rank`` sent straight to the kernel (backends/direct), checked as if
+        the agent had relayed it: its frames must also be sent as that rank."""
+        if self._rank_may_say(frame, message, rank):
+            self._hand_on(message)
+
     def _read(self) -> None:
         while True:
             reason = self._read_stream()
@@ -127,10 +142,9 @@ class NodeLink:
                     continue
                 if message.get("t") == "exit":  # what the rank left unfinished will never end
                     self._reader.splitter.forget(message.get("run"), message.get("rank"))
-                try:
-                    self._on_message(self, message)
-                except Exception:
-                    log.exception("handling a %s message from %s failed", message.get("t"), self.name)
+                    if self.direct is not None:  # what it sent straight comes before its end
+                        self.direct.drain(message.get("run"), message.get("rank"))
+                self._hand_on(message)
         except ProtocolError as e:  # the stream cannot be read at all (see protocol)
             reason = str(e)
         except OSError as e:
@@ -139,6 +153,12 @@ class NodeLink:
             log.exception("reading from %s failed", self.name)
             reason = f"reading from the agent failed ({type(e).__name__}: {e})"
         return reason
+
+    def _hand_on(self, message: dict) -> None:
+        try:
+            self._on_message(self, message)
+        except Exception:
+            log.exception("handling a %s message from %s failed", message.get("t"), self.name)
 
     def beat(self) -> None:
         """Say the kernel is still there (agents on other hosts stop when it goes silent). A
@@ -158,7 +178,7 @@ class NodeLink:
         with self._outbox_lock:
             self.reconnecting = True
         log.warning("node %s: connection lost (%s); connecting again", self.name, reason)
-        self._notify({"t": "link", "state": "reconnecting", "reason": reason})
+        self._hand_on({"t": "link", "state": "reconnecting", "reason": reason})
         deadline = time.monotonic() + self._resumer.timeout
         delay = 0.2
         while self.alive and not self.stopped and time.monotonic() < deadline:
@@ -186,7 +206,7 @@ class NodeLink:
                 log.info("node %s: the new connection broke at once (%s)", self.name, e)
                 continue
             self.last_heard = time.monotonic()
-            self._notify({"t": "link", "state": "resumed", "reason": reason})
+            self._hand_on({"t": "link", "state": "resumed", "reason": reason})
             return None
         with self._outbox_lock:
             self.reconnecting = False
@@ -201,16 +221,10 @@ class NodeLink:
         elif self._resumer is None:
             self.lose(reason)
 
-    def _notify(self, message: dict) -> None:
-        try:
-            self._on_message(self, message)
-        except Exception:
-            log.exception("handling a link event of %s failed", self.name)
-
-    def _rank_may_say(self, frame: Frame, message: dict) -> bool:
+    def _rank_may_say(self, frame: Frame, message: dict, rank: int | None = None) -> bool:
         """A rank's frame verified with its run's key: it speaks for that run and rank only."""
         if (message.get("t") in RANK_MESSAGES and message.get("run") == frame.channel
-                and message.get("rank") == frame.sender):
+                and message.get("rank") == frame.sender and rank in (None, frame.sender)):
             return True
         self.refused += 1
         log.warning("dropped a %r message for run %r rank %r from rank %s of %s on %s: a rank speaks "

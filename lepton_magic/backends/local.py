@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 
 from .. import private, sharedmem
 from ..agent import spot
 from .base import Backend, NodeLink, OnLost, OnMessage
+from .direct import DirectRanks
 
 
 def _widen_pipe(fd: int) -> None:
@@ -37,10 +39,14 @@ class LocalBackend(Backend):
         env = dict(os.environ, LEPTON_PRELOAD=self.settings.get("preload", "torch"))
         watch = spot.agent_arguments(spot.metadata_url(self.settings))  # tests: a fake metadata server
         for name in names:
+            # The agent offers its standbys on this socket: the kernel then talks to them straight.
+            offers, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if _direct() else (None, None)
+            direct = ["--direct-fd", str(theirs.fileno())] if theirs else []
             with private.open_file(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "lepton_magic.agent", "--node", name,
-                     "--parent-pid", str(os.getpid()), *watch],
+                     "--parent-pid", str(os.getpid()), *watch, *direct],
+                    pass_fds=[theirs.fileno()] if theirs else [],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=agent_log,
@@ -56,7 +62,11 @@ class LocalBackend(Backend):
                 )
             self._procs[name] = proc
             _widen_pipe(proc.stdout.fileno())
-            links.append(NodeLink(name, proc.stdin.fileno(), proc.stdout.fileno(), secret, on_message, on_lost))
+            link = NodeLink(name, proc.stdin.fileno(), proc.stdout.fileno(), secret, on_message, on_lost)
+            if offers is not None:
+                theirs.close()
+                link.direct = DirectRanks(link, offers)
+            links.append(link)
         return links
 
     def master_addr(self, link: NodeLink) -> str:
@@ -86,3 +96,11 @@ class LocalBackend(Backend):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+        if link.direct is not None:
+            link.direct.close()
+
+
+def _direct() -> bool:
+    """Ranks answer the kernel straight (backends/direct); LEPTON_DIRECT_RANKS=0 sends everything
+    through the agents, as on other machines (benchmarks compare the two)."""
+    return os.environ.get("LEPTON_DIRECT_RANKS", "1") != "0"
