@@ -186,9 +186,13 @@ class LiveRun:
             self.status = "starting"
             writes.append(self.store.run_update(self.seq, status="starting", started=self.started_at,
                                                 world_size=self.world_size, price_per_hour=self._price()))
-            self.store.write(writes)
             for link, message in said:  # what the agents would have said of ranks given jobs straight
-                self.on_message(link, message)
+                if message["t"] == "started":
+                    writes += self._started_writes(link, message)
+            self.store.write(writes)
+            for link, message in said:
+                if message["t"] != "started":  # (a rank no standby was left for)
+                    self.on_message(link, message)
         self.inputs = None  # sent: do not keep a copy of every input of every run
 
     # --- events ----------------------------------------------------------------------------
@@ -205,14 +209,7 @@ class LiveRun:
                                 message.get("partial"))
         elif kind == "started":
             with self._lock:
-                first = not self._started
-                self._started.add(rank)
-                self.rank_pids[rank] = message["pid"]
-                writes = [self.store.run_node_status(self.seq, link.name, "running")]
-                if first and self.status == "starting":
-                    self.status = "running"
-                    writes.append(self.store.run_update(self.seq, status="running"))
-                self.store.write(writes)
+                self.store.write(self._started_writes(link, message))
         elif kind == "result":
             with self._lock:
                 self._answer(rank, message)
@@ -245,11 +242,23 @@ class LiveRun:
         elif kind == "exit":
             self._on_exit(link, rank, message.get("killed"))
 
+    def _started_writes(self, link: NodeLink, message: dict) -> list:
+        """A rank started: the first one makes the run 'running' (call with the lock held)."""
+        first = not self._started
+        self._started.add(message["rank"])
+        self.rank_pids[message["rank"]] = message["pid"]
+        writes = [self.store.run_node_status(self.seq, link.name, "running")]
+        if first and self.status == "starting":
+            self.status = "running"
+            writes.append(self.store.run_update(self.seq, status="running"))
+        return writes
+
     def _answer(self, rank: int, message: dict) -> None:
         """A rank's result or error. One sent straight by a rank that printed (``quiet`` False)
         counts once its exit came: the agent reports the exit after the last of its lines."""
         if message.get("quiet") is False:
             self._printing.add(rank)
+            self._tell_agents()  # its end, after its last line, comes once its agent knows it
         else:
             self._answered.add(rank)
 
@@ -311,7 +320,14 @@ class LiveRun:
         self._send_cancel()
         self._timer(CANCEL_GRACE_SECONDS, self._give_up)
 
+    def _tell_agents(self) -> None:
+        """Agents that were not told yet whose ranks took this run's jobs straight are told."""
+        for link in self.nodes:
+            if link.direct is not None:
+                link.direct.tell_agent(self.id)
+
     def _send_cancel(self) -> None:
+        self._tell_agents()  # first: the agent stops what it knows is the run's
         for link in self.nodes:
             if link.alive:
                 link.send({"t": "cancel", "run": self.id})
@@ -418,6 +434,7 @@ class LiveRun:
         """The attempt's nodes go back to the pool; whoever waits (the run's scheduler) hears."""
         self.pool.release(self)
         self.done.set()
+        self._tell_agents()  # after the answer: the agent reports the ranks' ends, frees their output
         if self._after_end is not None:
             self._after_end(self)
 

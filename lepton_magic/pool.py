@@ -388,6 +388,9 @@ class Pool:
             time.sleep(1.0)
             ticks += 1
             self._lose_silent_nodes()
+            for link in self.live_nodes:
+                if link.direct is not None:
+                    link.direct.tell_due()
             now = time.monotonic()
             for run_id, (until, _run) in list(self._ending.items()):
                 if now > until:

@@ -27,9 +27,12 @@ class Run:
         self.seq = seq
         self._live = live
         self._session = session
-        row = self._row()
-        self.id: str = row["id"]
-        self.name: str = row["name"]
+        if live is not None:  # (what a live run knows saves a read of the store on every cell)
+            self.id, self.name = live.run_id, live.name
+        else:
+            row = self._row()
+            self.id: str = row["id"]
+            self.name: str = row["name"]
 
     def __repr__(self) -> str:
         return f"<Run {self.name} ({self.id}) {self.status}>"
@@ -232,6 +235,8 @@ class Run:
     @property
     def is_sweep(self) -> bool:
         """A ``%%lepton --sweep`` run: its trials are runs of their own under it."""
+        if self._live is not None:
+            return self._live.is_sweep
         return bool(self._row().get("sweep"))
 
     @property

@@ -59,6 +59,8 @@ class RunSpec:
 class ScheduledRun:
     """The run in flight, across its attempts: what ``Run`` and the views see of it."""
 
+    is_sweep = False
+
     def __init__(self, *, store, pool, seq: int, run_id: str, name: str, spec: RunSpec):
         self.store = store
         self.pool = pool

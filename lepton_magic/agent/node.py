@@ -426,6 +426,10 @@ class Agent:
         # Two per rank slot and kind: the next run then takes a standby that finished starting
         # long ago, not the one being forked right now.
         self.want[preloaded] = max(self.want[preloaded], 2 * local)
+        if self.direct is not None:
+            # The kernel found no offered standby (cells back to back outrun their replacement):
+            # keep one more, up to four per rank slot.
+            self.want[preloaded] = min(self.want[preloaded] + 1, 4 * local)
         for local_rank in range(local):
             rank = job["rank_offset"] + local_rank
             for attempt in range(2):  # a standby that died meanwhile is replaced once

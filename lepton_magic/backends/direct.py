@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lepton_magic.backends")
 
+#: A run still going this long after its jobs were sent straight: its agent is told whose ranks
+#: they are (a short cell has ended by then, and its end tells the agent).
+LATER_SECONDS = 0.05
+
 
 @dataclass(eq=False)
 class Standby:
@@ -60,6 +64,7 @@ class DirectRanks:
         self._idle: dict[bool, list[Standby]] = {False: [], True: []}  # by preloaded
         self._by_fd: dict[int, Standby] = {}
         self._running: dict[tuple[str, int], Standby] = {}
+        self._untold: dict[str, tuple[float, list]] = {}  # runs the agent has not been told of
         self._lock = threading.Lock()
         self._poll = select.epoll()  # registering from another thread is safe with epoll
         self._wake_r, self._wake_w = os.pipe()
@@ -91,9 +96,19 @@ class DirectRanks:
                 continue
             assigned.append([standby.sid, rank])
             events.append({"t": "started", "run": run, "rank": rank, "pid": standby.pid, "time": time.time()})
-        # Before any cancel of the run, on the same pipe: the agent kills what it knows is the run's.
-        self.link.send({"t": "assigned", "run": run, "ranks": assigned})
+        with self._lock:  # told later (see tell_agent): waking the agent now would slow the cell
+            self._untold[run] = (time.monotonic(), assigned)
         return events
+
+    def tell_agent(self, run: str) -> None:
+        """Tell the agent whose ranks the standbys of ``run`` became, if not told yet. Not on the
+        way of a short cell (its ranks' end waits for it at the agent, see agent/node.py
+        'unclaimed'); before anything the agent must act on: a cancel (on the same pipe, after
+        this), a rank's lines the run waits for, the run's end, or LATER_SECONDS into it."""
+        with self._lock:  # sent under the lock: whoever sends a cancel after this call sends it after
+            untold = self._untold.pop(run, None)
+            if untold is not None:
+                self.link.send({"t": "assigned", "run": run, "ranks": untold[1]})
 
     def _send_job(self, preloaded: bool, job: dict, key: bytes) -> Standby | None:
         run, rank = job["run"], job["rank_offset"] + job["local_rank"]
@@ -131,9 +146,14 @@ class DirectRanks:
     def _serve(self) -> None:
         try:
             while True:
-                for fd, _events in self._poll.poll():
+                self.tell_due()
+                timeout = LATER_SECONDS if self._untold else -1
+                for fd, _events in self._poll.poll(timeout):
                     if fd == self._wake_r:
-                        return
+                        os.read(self._wake_r, 4096)
+                        if self._closed:
+                            return
+                        continue
                     if fd == self._offers.fileno():
                         if not self._take_offer():
                             return  # the agent is gone, and its standbys with it
@@ -145,6 +165,21 @@ class DirectRanks:
             log.exception("reading the direct ranks of %s failed", self.link.name)
         finally:
             self._close_all()
+
+    def tell_due(self) -> None:
+        """Tell the agent of the runs going for LATER_SECONDS already (this thread, when it wakes,
+        and the pool's watch once a second)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [run for run, (since, _ranks) in self._untold.items() if now - since >= LATER_SECONDS]
+        for run in due:
+            self.tell_agent(run)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass
 
     def _take_offer(self) -> bool:
         try:
@@ -219,10 +254,7 @@ class DirectRanks:
         """The node is stopped: retire the standbys (their sockets close) and stop reading."""
         with self._lock:
             self._closed = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 

@@ -55,6 +55,8 @@ class _Trial:
 class SweepRun:
     """What ``Run`` and the views see of a sweep in flight (the same surface as a ScheduledRun)."""
 
+    is_sweep = True
+
     def __init__(self, *, session, pool: "Pool", seq: int, run_id: str, name: str, spec: SweepSpec,
                  base: RunSpec, parallel: int, on_done: list[Callable]):
         self.session = session
