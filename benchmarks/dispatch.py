@@ -3,7 +3,9 @@ against ipyparallel's `%%px --block x = 1` on 2 engines, measured in the same ru
 
 Two loops each: back to back (the next cell starts the moment the last one returned), and paced
 (50 ms between cells, as when a person runs them: each system has finished its housekeeping;
-for lepton that is retiring the last rank processes and forking fresh standbys).
+for lepton that is retiring the last rank processes and forking fresh standbys). Then lepton
+again with every frame through the agents (LEPTON_DIRECT_RANKS=0, as for nodes on other
+machines): what the direct rank sockets save.
 
     python benchmarks/dispatch.py [--repeat 200]
 """
@@ -11,6 +13,7 @@ for lepton that is retiring the last rank processes and forking fresh standbys).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from _common import fresh_home, quiet, ratio_line, shell, start_ipyparallel, summary, timed
@@ -47,8 +50,20 @@ def main() -> None:
     paced = summary("  paced, 50 ms apart", timed(cell, args.repeat // 2, warmup=2, pause=0.05))
     assert ip.user_ns["x"] == 1
     quiet(ip.run_line_magic, "lepton", "down")
+
+    # The same through the agents (as on other machines), without the direct rank sockets.
+    os.environ["LEPTON_DIRECT_RANKS"] = "0"
+    quiet(ip.run_line_magic, "lepton", "up --nodes 2")
+    time.sleep(5)
+    relayed = summary("lepton through the agents", timed(cell, args.repeat, warmup=10))
+    relayed_paced = summary("  paced, 50 ms apart", timed(cell, args.repeat // 2, warmup=2, pause=0.05))
+    quiet(ip.run_line_magic, "lepton", "down")
+    del os.environ["LEPTON_DIRECT_RANKS"]
+
     ratio_line("warm dispatch, back to back", med, baseline, "<= 0.5")
     ratio_line("warm dispatch, paced", paced, baseline_paced, "<= 0.5")
+    ratio_line("direct ranks against through the agents, back to back", med, relayed, "< 1")
+    ratio_line("direct ranks against through the agents, paced", paced, relayed_paced, "< 1")
 
 
 if __name__ == "__main__":

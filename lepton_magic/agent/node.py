@@ -8,6 +8,10 @@ after ``kill -9``) it kills everything and exits. Where asked (spot instances), 
 the instance metadata for an interruption notice and hands it to the loop through a pipe
 (agent/spot.py); the agent then warns the kernel and its ranks (``lepton.preempting``).
 
+On the kernel's machine (``--direct-fd``) the agent offers each greeted standby to the kernel:
+the kernel sends it its job and reads its frames itself (backends/direct.py), and tells the
+agent afterwards whose rank it became (``assigned``); the agent does all the rest as ever.
+
 Keys: the kernel's first bytes are this node's key. The agent forks its zygotes before it reads
 them and never forks after, so no rank holds the node key: a rank gets the key of its control
 socket (to say hello and take its job) and the key of its run, derived from the node's. The
@@ -169,13 +173,13 @@ class Agent:
         self.spot_watcher = spot_watcher
         self.preempting: dict | None = None  # the spot notice this node got, if any
         self.last_run_end = 0.0
-        # The mirror of the notebook's folder and the run's packages (agent/prepare.py).
         #: Nodes on the kernel's machine: the socket standbys are offered to the kernel on.
         self.direct = direct
         self.standbys_made = 0
         #: Offered standbys that ended before the kernel said whose they were: a short cell's
-        #: rank may be done before the kernel's 'assigned' arrives. Kept (output and all) a while.
+        #: rank is done before the kernel's 'assigned' arrives. Kept (output and all) a while.
         self.unclaimed: dict[int, tuple[float, RankProcess]] = {}
+        # The mirror of the notebook's folder and the run's packages (agent/prepare.py).
         self.preparer = Preparer(node, self.out.send,
                                  lambda fd, install: self.sel.register(fd, selectors.EVENT_READ, ("install", install)),
                                  self.sel.unregister)
