@@ -24,7 +24,7 @@ def pool(ip, run_cell):
 def _wait_for_standbys(pool, each: int, preloaded: bool = False, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(len(link.direct._idle[preloaded]) >= each for link in pool.live_nodes):
+        if all(link.direct.standbys(preloaded) >= each for link in pool.live_nodes):
             return
         time.sleep(0.05)
     raise AssertionError("the agents offered no standbys")
@@ -80,6 +80,7 @@ def test_what_c_code_wrote_still_reaches_the_store(ip, run_cell, pool):
 
 def test_a_standby_that_died_idle_is_passed_over(ip, run_cell, pool):
     for link in pool.live_nodes:
+        link.direct.standbys(False)
         for standby in list(link.direct._idle[False]):
             os.kill(standby.pid, signal.SIGKILL)
     time.sleep(0.2)

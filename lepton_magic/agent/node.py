@@ -488,6 +488,10 @@ class Agent:
         run = message["run"]
         key = run_key(self.key, run)
         by_sid = {r.sid: r for r in self.ranks if r.offered and r.run is None}
+        kinds = {p.preloaded for p in list(by_sid.values()) + [u for _t, u in self.unclaimed.values()]
+                 if p.sid in {sid for sid, _rank in message["ranks"]}}
+        for preloaded in kinds:  # as for runs of its own (see start_run): two per rank slot
+            self.want[preloaded] = max(self.want[preloaded], 2 * len(message["ranks"]))
         for sid, rank in message["ranks"]:
             proc = by_sid.get(sid)
             gone = None if proc is not None else self.unclaimed.pop(sid, (0, None))[1]

@@ -69,7 +69,10 @@ class DirectRanks:
         self._poll = select.epoll()  # registering from another thread is safe with epoll
         self._wake_r, self._wake_w = os.pipe()
         self._poll.register(self._wake_r, select.EPOLLIN)
-        self._poll.register(offers.fileno(), select.EPOLLIN)
+        # Offers are taken when a run needs standbys, not as they come: a thread woken for each
+        # would compete for the GIL with the cell being dispatched.
+        offers.setblocking(False)
+        self._offers_lock = threading.Lock()
         self._closed = False
         self.jobs_sent = 0  # (tests and benchmarks: how many jobs went straight)
         self._thread = threading.Thread(target=self._serve, name=f"lepton-{link.name}-direct", daemon=True)
@@ -112,6 +115,7 @@ class DirectRanks:
 
     def _send_job(self, preloaded: bool, job: dict, key: bytes) -> Standby | None:
         run, rank = job["run"], job["rank_offset"] + job["local_rank"]
+        self._take_offers()
         while True:
             with self._lock:
                 idle = self._idle[preloaded]
@@ -154,10 +158,6 @@ class DirectRanks:
                         if self._closed:
                             return
                         continue
-                    if fd == self._offers.fileno():
-                        if not self._take_offer():
-                            return  # the agent is gone, and its standbys with it
-                        continue
                     standby = self._by_fd.get(fd)
                     if standby is not None:
                         self._read(standby)
@@ -181,7 +181,19 @@ class DirectRanks:
         except OSError:
             pass
 
+    def standbys(self, preloaded: bool) -> int:
+        """How many standbys of the kind are offered and idle now."""
+        self._take_offers()
+        with self._lock:
+            return len(self._idle[preloaded])
+
+    def _take_offers(self) -> None:
+        with self._offers_lock:
+            while not self._closed and self._take_offer():
+                pass
+
     def _take_offer(self) -> bool:
+        """One offer from the agent; False when none waits (or the agent is gone)."""
         try:
             about, fds, _flags, _addr = socket.recv_fds(self._offers, 1024, 1)
         except OSError:
