@@ -23,13 +23,21 @@ DIRECT_FD = 4
 _PR_SET_PDEATHSIG = 1
 
 
+def _prctl():
+    """libc's prctl, looked up once in the forking process (each standby would pay ~0.4 ms)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux
+
+
+_prctl_call = _prctl()
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGKILL this process when its parent exits (the dead-man switch)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the agent's EOF handling still kills us
+    if _prctl_call is not None:  # else the agent's EOF handling still kills us
+        _prctl_call(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 

@@ -31,6 +31,13 @@ def warm_up() -> None:
     _addresses = (time.monotonic(), psutil.net_if_addrs())
 
 
+def refresh() -> None:
+    """Read them again if what was read is half-way to stale (zygotes, before each fork: their
+    standbys inherit it)."""
+    if _addresses is None or time.monotonic() - _addresses[0] > ADDRESSES_FRESH_SECONDS / 2:
+        warm_up()
+
+
 def _net_if_addrs() -> dict:
     if _addresses is None or time.monotonic() - _addresses[0] > ADDRESSES_FRESH_SECONDS:
         warm_up()

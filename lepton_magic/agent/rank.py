@@ -60,15 +60,17 @@ def _rehearse(key: bytes) -> None:
     fork: the first time it runs any code it copies the pages it writes to and fills cold
     caches (about 1 ms for ``x = 1``, more than the job itself); a job should find that done.
     Only steps without lasting effects are rehearsed (no signal handlers, no fork hooks)."""
-    network.warm_up()
     dummy = {"run": "r-rehearsal", "rank_offset": 0, "local_rank": 0, "world_size": 1, "local_world_size": 1,
              "node_rank": 0, "nnodes": 1, "master_addr": "127.0.0.1", "master_port": 29500, "node": "rehearsal",
              "threads": 1}
-    before = dict(os.environ)
-    os.environ.update(environ_for(dummy, 0))
-    for name in set(os.environ) - set(before):
-        del os.environ[name]
-    os.environ.update(before)
+    environ = environ_for(dummy, 0)
+    before = {name: os.environ.get(name) for name in environ}
+    os.environ.update(environ)
+    for name, value in before.items():
+        if value is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = value
     lepton = Lepton(run="r-rehearsal", rank=0, local_rank=0, world_size=1, node="rehearsal", node_rank=0,
                     send=lambda message: None)
     namespace = {"__builtins__": builtins, "lepton": lepton}

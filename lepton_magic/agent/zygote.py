@@ -25,6 +25,7 @@ import traceback
 
 import msgpack
 
+from . import network
 from .forking import die_with_parent, fork_standby
 
 READY = b"R"
@@ -95,6 +96,7 @@ def serve(sock: socket.socket, preload: list[str]) -> int:
         if not message:
             return 0  # the agent is gone
         if message == FORK and len(fds) in (3, 4):  # the fourth: a direct line to the kernel
+            network.refresh()  # the interface list, read here once for every standby forked
             fork_standby(fds[0], fds[1], fds[2], preloaded=True, direct_fd=fds[3] if len(fds) == 4 else None)
         for fd in fds:
             os.close(fd)
