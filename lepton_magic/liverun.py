@@ -375,17 +375,13 @@ class LiveRun:
         if self.retrying:
             self._end_attempt(status)
             return
+        result, self._result = self._result, None
         try:
             if status == "succeeded":
-                self._load_outputs(self._result)
-                self._record_transfer(self._result)
-                if self.outputs:
-                    # Not a daemon: an exiting interpreter waits for the file to be complete.
-                    threading.Thread(target=self._persist_outputs, args=(self._result,),
-                                     name="lepton-outputs").start()
-            elif self._result is not None:
-                sharedmem.discard(self._result.get("shm"))
-            self._result = None
+                self._load_outputs(result)
+                self._record_transfer(result)
+            elif result is not None:
+                sharedmem.discard(result.get("shm"))
             self.ended_at = time.time()
             # Whoever sees the end (status, done, the store) finds the outputs already there.
             self.status = status
@@ -411,7 +407,18 @@ class LiveRun:
             log.exception("recording the end of %s failed", self.name)
         finally:
             self.status = status
+            keep = status == "succeeded" and bool(self.outputs)  # (a sweep may drop them once it ends)
             self._ended()
+        if keep:  # after the waiter is woken: not on its way
+            self._keep_outputs(result)
+
+    def _keep_outputs(self, result: dict) -> None:
+        """Save the outputs beside the store on a thread of their own. Not a daemon: an exiting
+        interpreter waits for the file to be complete (one exiting already gets it written here)."""
+        try:
+            threading.Thread(target=self._persist_outputs, args=(result,), name="lepton-outputs").start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            self._persist_outputs(result)
 
     def _end_attempt(self, status: str) -> None:
         """This attempt failed and the run goes on in another one: record the attempt only."""
@@ -434,9 +441,9 @@ class LiveRun:
         """The attempt's nodes go back to the pool; whoever waits (the run's scheduler) hears."""
         self.pool.release(self)
         self.done.set()
-        self._tell_agents()  # after the answer: the agent reports the ranks' ends, frees their output
         if self._after_end is not None:
             self._after_end(self)
+        self._tell_agents()  # after the answer: the agent reports the ranks' ends, frees their output
 
     def end_reason(self, status: str) -> str:
         """Why this attempt ended, in a few words (run.attempts shows it)."""

@@ -42,8 +42,10 @@ def serve(preloaded: bool) -> int:
     _rehearse(control_key)  # while no job waits for it
     # The job comes from the agent, or, where the agent offered this standby to the kernel (on
     # the kernel's machine), from the kernel on the direct socket, signed with the same key.
+    _wake_politely(True)
     fd = _job_source()
     job = FrameReader(fd, control_key, source="kernel" if fd == DIRECT_FD else "agent").read()
+    _wake_politely(False)
     if job is None or job.get("t") != "job":
         return 0  # the agent or the kernel retired this standby
     if fd != DIRECT_FD and _has_fd(DIRECT_FD):
@@ -80,6 +82,18 @@ def _rehearse(key: bytes) -> None:
     encode(key, {"t": "result", "run": "r-rehearsal", "rank": 0, "outputs": b"", "names": ["x"], "time": time.time()},
            channel="r-rehearsal")
     quiet_since(CountedFile.written)
+
+
+def _wake_politely(waiting: bool) -> None:
+    """While it waits, a standby is SCHED_BATCH: the job's arrival then does not preempt the
+    process that sent it (the kernel, still sending the other ranks their jobs) on its CPU;
+    once the job is read it is an ordinary process again."""
+    if not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH if waiting else os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
 
 
 def _job_source() -> int:
