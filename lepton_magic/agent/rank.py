@@ -84,14 +84,15 @@ def _rehearse(key: bytes) -> None:
     quiet_since(CountedFile.written)
 
 
-def _wake_politely(waiting: bool) -> None:
+def _wake_politely(waiting: bool, idle: bool = False) -> None:
     """While it waits, a standby is SCHED_BATCH: the job's arrival then does not preempt the
     process that sent it (the kernel, still sending the other ranks their jobs) on its CPU;
-    once the job is read it is an ordinary process again."""
+    once the job is read it is an ordinary process again (``idle``: SCHED_IDLE, for its exit)."""
     if not hasattr(os, "sched_setscheduler"):
         return
+    policy = os.SCHED_IDLE if idle else os.SCHED_BATCH if waiting else os.SCHED_OTHER
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH if waiting else os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:
         pass
 
@@ -204,7 +205,20 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     if job.get("direct"):
         result["quiet"] = quiet_since(printed_before)
     writer.send(result, final=True)
+    if result.get("quiet") and not _holds_a_gpu():
+        # Answered, and nothing of it is on the way through the agent: the exit (tearing down
+        # the process's memory) waits for CPUs the kernel is not using to take the answer in.
+        # (Not a rank holding a GPU: the next run's ranks want its memory back at once.)
+        _wake_politely(True, idle=True)
     return 0
+
+
+def _holds_a_gpu() -> bool:
+    torch = sys.modules.get("torch")
+    try:
+        return torch is not None and torch.cuda.is_initialized()
+    except Exception:
+        return True  # cannot tell: exit as an ordinary process
 
 
 def _main_module(lepton: Lepton) -> types.ModuleType:
