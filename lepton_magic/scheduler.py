@@ -70,6 +70,7 @@ class ScheduledRun:
         self.spec = spec
         self.attempt = 0
         self.current: LiveRun | None = None
+        self._first_started: float | None = None  # when the first attempt started
         self.done = threading.Event()
         self._cancel: tuple[str, bool] | None = None  # (reason, counts as a failure)
         self._cancelled = threading.Event()  # wakes a retry waiting out its backoff
@@ -124,6 +125,8 @@ class ScheduledRun:
 
     @property
     def started_at(self) -> float | None:
+        if self._first_started is not None:
+            return self._first_started
         attempts = self.store.attempts(self.seq)
         return attempts[0]["started"] if attempts else None
 
@@ -201,6 +204,8 @@ class ScheduledRun:
         with self._lock:
             self.current = live
         live.start()
+        if self._first_started is None:
+            self._first_started = live.started_at
         if not spec.retries:
             spec.inputs = None  # no retry will need them: do not keep a copy of every input
         elif spec.inputs is not None and self.attempt == 0:

@@ -121,6 +121,7 @@ class Store:
         private.make_sqlite_files(self.path)
         self._lock = threading.RLock()
         self._listeners: dict[int, list] = {}
+        self._log_batches: dict[int, int] = {}  # (see log_batches)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash (not a power cut) and costs no fsync.
@@ -414,11 +415,18 @@ class Store:
         with self._transaction() as db:
             db.executemany("INSERT INTO logs (run, rank, stream, time, line) VALUES (?, ?, ?, ?, ?)",
                            ((seq, rank, stream, when, line) for line in lines))
+            if lines:
+                self._log_batches[seq] = self._log_batches.get(seq, 0) + 1
             if partial:
                 db.execute("INSERT OR REPLACE INTO log_partials VALUES (?, ?, ?, ?, ?)",
                            (seq, rank, stream, when, partial))
             elif lines:
                 db.execute("DELETE FROM log_partials WHERE run=? AND rank=? AND stream=?", (seq, rank, stream))
+
+    def log_batches(self, seq: int) -> int:
+        """How many batches of a run's lines this process has stored: a view of a run this
+        process runs reads its lines again only when this has changed."""
+        return self._log_batches.get(seq, 0)
 
     def _write_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._transaction() as db:

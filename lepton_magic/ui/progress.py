@@ -54,6 +54,7 @@ class TextProgress:
         self.status_line = status_line
         self.terminal = _is_terminal(self.out) if terminal is None else terminal
         self._last_log = 0
+        self._log_batches = 0  # (see _print_logs)
         self._drawn = False  # a status line is on screen (terminal only)
         self._last_draw = 0.0
         self._announced = False  # the start line is out (off a terminal only)
@@ -169,6 +170,11 @@ class TextProgress:
         if self._sweep is not None:
             self._print_trial_ends()
             return
+        if self.run.is_live:  # its lines are stored by this process: read only when some came
+            batches = self.run.store.log_batches(self.run.seq)
+            if batches == self._log_batches:
+                return
+            self._log_batches = batches
         rows = self.run.store.logs_since(self.run.seq, self._last_log)
         if not rows:
             return
