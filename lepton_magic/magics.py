@@ -7,6 +7,7 @@ typed becomes a ``UsageError`` with one line saying what was wrong and what is a
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 
 from IPython.core.error import UsageError
@@ -180,6 +181,22 @@ def _parse(parser_func, line: str):
         raise
 
 
+_cell_lines: dict[str, argparse.Namespace] = {}
+
+
+def _parse_cell_line(line: str) -> argparse.Namespace | None:
+    """The %%lepton line's options; a line seen before is not parsed again (a notebook runs the
+    same few lines over and over: argparse is a tenth of a short cell's time in the kernel)."""
+    known = _cell_lines.get(line)
+    if known is None:
+        known = _parse(_cell_args, line)
+        if known is None:
+            return None
+        if len(_cell_lines) < 256:
+            _cell_lines[line] = known
+    return copy.deepcopy(known)
+
+
 SWEEP_OPTIONS = ("trials", "objective", "sampler", "seed", "parallel", "nodes_per_trial", "prune", "study", "fail_fast")
 
 
@@ -262,7 +279,7 @@ class LeptonMagics(Magics):
 
     def _submit(self, line: str, cell: str) -> Run | None:
         """Start the run; None when there is nothing to wait for (help printed, or --async)."""
-        args = _parse(_cell_args, line)
+        args = _parse_cell_line(line)
         if args is None:
             return None
         if not cell.strip():

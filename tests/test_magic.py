@@ -275,3 +275,18 @@ def test_cost_of_a_local_pool_is_zero(ip, run_cell):
     assert (cost["dollars_per_hour"] == 0).all() and (cost["price_note"] == "").all()
     result, _ = run_cell("%lepton up --nodes 1 --instance-type g5.xlarge")
     assert "go with --backend ec2" in str(result.error_in_exec)
+
+
+def test_a_repeated_cell_line_is_parsed_once_and_each_cell_gets_its_own_options():
+    from lepton_magic import magics
+
+    line = "--nodes 2 --env A=1 --name twice"
+    first = magics._parse_cell_line(line)
+    first.env.append(("B", "2"))  # what one cell does with its options stays its own
+    second = magics._parse_cell_line(line)
+    assert second.nodes == 2 and second.name == "twice"
+    assert second.env == [("A", "1")]
+    assert line in magics._cell_lines
+    with pytest.raises(UsageError):
+        magics._parse_cell_line("--nodes two")
+    assert "--nodes two" not in magics._cell_lines
