@@ -139,3 +139,12 @@ def test_load_ext_with_bad_settings_says_so_in_one_line(tmp_path):
     assert "lepton_magic: LEPTON_NODES: nodes: nodes takes a positive whole number, got 'abc'; using the default" \
         in out.stdout
     assert "nodes 1" in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_rank_that_crashes_in_c_leaves_its_python_traceback(run_cell):
+    """faulthandler is enabled once in the zygote, on fd 2, which in a standby is its stderr."""
+    result, out = run_cell("%%lepton\nimport ctypes\nctypes.string_at(0)\n")
+    assert isinstance(result.error_in_exec, LeptonError)
+    logs = lm.last_run().logs()
+    assert "Fatal Python error: Segmentation fault" in logs, logs
+    assert 'File "<lepton cell>", line 3' in logs, logs

@@ -84,7 +84,8 @@ def _become_standby(parent: int, ctrl_fd: int, out_fd: int, err_fd: int, direct_
     sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
     import faulthandler
 
-    faulthandler.enable(sys.stderr)
+    if not faulthandler.is_enabled():  # a zygote enabled it on fd 2, which is the rank's stderr now
+        faulthandler.enable(sys.stderr)
     # Forked children share the parent's RNG state; Python's random reseeds itself, numpy not.
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:

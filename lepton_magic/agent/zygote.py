@@ -15,6 +15,7 @@ of) over a SOCK_SEQPACKET pair with SCM_RIGHTS.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib
 import os
@@ -85,6 +86,9 @@ def serve(sock: socket.socket, preload: list[str]) -> int:
     # then never walks (and so never copies) the pages it shares with the zygote.
     from . import rank  # noqa: F401
 
+    # A crash's traceback goes to fd 2: here the agent's log, in a standby its stderr pipe (each
+    # standby would pay ~0.4 ms to enable it itself).
+    faulthandler.enable()
     gc.collect()
     gc.freeze()
     sock.send(READY + msgpack.packb(info))
