@@ -39,7 +39,8 @@ def serve(preloaded: bool) -> int:
     except EOFError:
         return 0  # the agent retired this standby before it started
     FrameWriter(CTRL_FD, control_key).send({"t": "hello", "pid": os.getpid(), "preloaded": preloaded})
-    _rehearse(control_key)  # while no job waits for it
+    if not _job_waiting():  # (a standby made for a job that is here already goes straight to it)
+        _rehearse(control_key)
     # The job comes from the agent, or, where the agent offered this standby to the kernel (on
     # the kernel's machine), from the kernel on the direct socket, signed with the same key.
     _wake_politely(True)
@@ -95,6 +96,13 @@ def _wake_politely(waiting: bool, idle: bool = False) -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:
         pass
+
+
+def _job_waiting() -> bool:
+    import select
+
+    fds = [CTRL_FD, DIRECT_FD] if _has_fd(DIRECT_FD) else [CTRL_FD]
+    return bool(select.select(fds, [], [], 0)[0])
 
 
 def _job_source() -> int:
@@ -205,20 +213,12 @@ def run_job(job: dict, writer: FrameWriter) -> int:
     if job.get("direct"):
         result["quiet"] = quiet_since(printed_before)
     writer.send(result, final=True)
-    if result.get("quiet") and not _holds_a_gpu():
-        # Answered, and nothing of it is on the way through the agent: the exit (tearing down
-        # the process's memory) waits for CPUs the kernel is not using to take the answer in.
-        # (Not a rank holding a GPU: the next run's ranks want its memory back at once.)
+    if result.get("quiet") and "torch" not in sys.modules:
+        # A light rank answered, and nothing of it is on the way through the agent: its exit
+        # waits for CPUs the kernel is not using to take the answer in. (Not a rank with torch:
+        # tearing that down takes long enough to hold up its replacement, and a GPU's memory.)
         _wake_politely(True, idle=True)
     return 0
-
-
-def _holds_a_gpu() -> bool:
-    torch = sys.modules.get("torch")
-    try:
-        return torch is not None and torch.cuda.is_initialized()
-    except Exception:
-        return True  # cannot tell: exit as an ordinary process
 
 
 def _main_module(lepton: Lepton) -> types.ModuleType:
