@@ -488,19 +488,9 @@ class Agent:
         run = message["run"]
         key = run_key(self.key, run)
         by_sid = {r.sid: r for r in self.ranks if r.offered and r.run is None}
-        kinds = {p.preloaded for p in list(by_sid.values()) + [u for _t, u in self.unclaimed.values()]
-                 if p.sid in {sid for sid, _rank in message["ranks"]}}
-        for preloaded in kinds:  # as for runs of its own (see start_run): two per rank slot
-            self.want[preloaded] = max(self.want[preloaded], 2 * len(message["ranks"]))
         for sid, rank in message["ranks"]:
-            proc = by_sid.get(sid)
-            gone = None if proc is not None else self.unclaimed.pop(sid, (0, None))[1]
-            if gone is not None:  # it ran its job and is gone already (reaped)
-                gone.assign(run, rank, key)
-                self.take_early_output(gone)
-                self.drain_output(gone, final=True)
-                self.report_exit(gone)
-                continue
+            reaped = None if sid in by_sid else self.unclaimed.pop(sid, (0, None))[1]
+            proc = by_sid.get(sid) or reaped
             if proc is None:
                 self.out.send({"t": "error", "run": run, "rank": rank, "type": "LeptonError",
                                "message": f"could not start rank {rank} on {self.node}: its process ended "
@@ -508,11 +498,15 @@ class Agent:
                 self.out.send({"t": "exit", "run": run, "rank": rank, "pid": None, "killed": None,
                                "time": time.time()})
                 continue
+            # As for runs of its own (see start_run): two standbys per rank slot of the kind.
+            self.want[proc.preloaded] = max(self.want[proc.preloaded], 2 * len(message["ranks"]))
             proc.assign(run, rank, key)
             self.take_early_output(proc)
-            if proc.ended:  # gone too, not reaped yet: reap reports its exit
+            if proc.ended:  # it ran its job and is gone already: its last output is all in
                 self.drain_output(proc, final=True)
-            elif self.preempting is not None:
+            if reaped is not None:
+                self.report_exit(proc)  # (reap reports the others' ends)
+            elif self.preempting is not None and not proc.ended:
                 proc.tell_preempting()
 
     def take_early_output(self, proc: RankProcess) -> None:

@@ -11,6 +11,7 @@ import builtins
 import fcntl
 import linecache
 import os
+import select
 import signal
 import sys
 import termios
@@ -98,21 +99,19 @@ def _wake_politely(waiting: bool, idle: bool = False) -> None:
         pass
 
 
-def _job_waiting() -> bool:
-    import select
+def _job_fds() -> list[int]:
+    """Where a job may come from: the agent's control socket, and the kernel's direct one."""
+    return [CTRL_FD, DIRECT_FD] if _has_fd(DIRECT_FD) else [CTRL_FD]
 
-    fds = [CTRL_FD, DIRECT_FD] if _has_fd(DIRECT_FD) else [CTRL_FD]
-    return bool(select.select(fds, [], [], 0)[0])
+
+def _job_waiting() -> bool:
+    return bool(select.select(_job_fds(), [], [], 0)[0])
 
 
 def _job_source() -> int:
     """The descriptor the job arrives on: the direct socket when the kernel wrote to it (or
     closed it: retired), else the control socket (a job from the agent, or its end)."""
-    if not _has_fd(DIRECT_FD):
-        return CTRL_FD
-    import select
-
-    readable, _, _ = select.select([CTRL_FD, DIRECT_FD], [], [])
+    readable, _, _ = select.select(_job_fds(), [], [])
     return DIRECT_FD if DIRECT_FD in readable else CTRL_FD
 
 
