@@ -289,7 +289,7 @@ class Pool:
         with self._changed:
             self._give_back(run_id)
             run = self.runs.pop(run_id, None)
-            if run is not None and not getattr(run, "all_exited", True):  # (a pull has no ranks)
+            if run is not None and not run.all_exited:
                 self._ending[run_id] = (time.monotonic() + ENDING_SECONDS, run)
             self._changed.notify_all()  # a queued run may take them
 
@@ -308,7 +308,7 @@ class Pool:
             run = self.runs.get(run_id) or self._ending.get(run_id, (0, None))[1]
             if run is not None:
                 run.on_message(link, message)
-                if kind == "exit" and run_id in self._ending and getattr(run, "all_exited", True):
+                if kind == "exit" and run_id in self._ending and run.all_exited:
                     self._ending.pop(run_id, None)
             elif message.get("shm"):  # a result that came after its run ended: free its memory
                 sharedmem.discard(message["shm"])

@@ -422,6 +422,8 @@ def _failure_table(live, failures: dict[str, NodeFailed]) -> str:
 class _Puller:
     """Stands in for a run in the pool while a pull goes: the pool hands it the node's answers."""
 
+    all_exited = True  # it has no ranks whose ends the pool would wait for
+
     def __init__(self, link, seq: int):
         self.id = f"pull-{secrets.token_hex(4)}"
         self.seq = seq
