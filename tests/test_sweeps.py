@@ -140,12 +140,18 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(session):
     assert len(stopped.trials) < 4  # nothing more was started
 
 
-def test_cancelling_a_sweep_stops_its_trials_and_starts_no_more(session):
-    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, sweep=make_spec("x=[1,2,3,4,5]"))
+def _two_trials_running(session, space: str):
+    """A sweep of sleeping trials on 2 nodes, once two of its trials are running."""
+    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, sweep=make_spec(space))
     deadline = time.monotonic() + 30
     while len(session.store.query("SELECT 1 FROM runs WHERE parent=? AND status='running'", (run.seq,))) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    return run
+
+
+def test_cancelling_a_sweep_stops_its_trials_and_starts_no_more(session):
+    run = _two_trials_running(session, "x=[1,2,3,4,5]")
     run.cancel()
     assert run.wait_done(20) and run.status == "cancelled"
     trials = run.trials
@@ -293,11 +299,7 @@ def test_each_metrics_best_goes_its_own_way_and_a_pruned_objective_is_its_value_
 
 
 def test_releasing_the_pool_cancels_a_sweep_with_the_pools_reason(session):
-    run = session.submit("import time\ntime.sleep(30)\n", {}, nodes=2, sweep=make_spec("x=[1,2,3,4]"))
-    deadline = time.monotonic() + 30
-    while len(session.store.query("SELECT 1 FROM runs WHERE parent=? AND status='running'", (run.seq,))) < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    run = _two_trials_running(session, "x=[1,2,3,4]")
     session.down()
     assert run.wait_done(30) and run.status == "cancelled"
     assert session.store.run_row(run.seq)["reason"] == "the pool was released"
