@@ -58,3 +58,57 @@ def start_ipyparallel(n: int = 2):
     client = cluster.start_and_connect_sync()
     client.wait_for_engines(n, timeout=120)
     return cluster, client
+
+
+class CpuPerCell:
+    """Where the CPU of a loop of cells went, per cell: the whole machine (from the kernel's
+    counters, so short-lived processes count too), this process (the notebook kernel), and the
+    long-lived helper processes below it (ipyparallel's controller and engines; lepton's agents
+    and zygotes). The rest is processes that came and went (lepton's ranks and standbys) and
+    the OS. With every core busy, wall time per cell cannot go below machine CPU / cores.
+    Linux counts CPU in clock ticks (10 ms): over a loop of a few seconds the parts are good to a
+    few tenths of a millisecond per cell, and a rest near zero may print slightly negative."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self) -> "CpuPerCell":
+        import psutil
+
+        self._helpers = {p.pid: p for p in psutil.Process().children(recursive=True)}
+        self._machine, self._own, self._helper = _busy(), time.process_time(), self._helper_cpu()
+        return self
+
+    def _helper_cpu(self) -> dict[int, float]:
+        cpu = {}
+        for pid, p in self._helpers.items():
+            try:
+                t = p.cpu_times()
+                cpu[pid] = t.user + t.system
+            except Exception:  # gone: counted in the rest
+                pass
+        return cpu
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        self.machine, self.own = _busy() - self._machine, time.process_time() - self._own
+        after = self._helper_cpu()
+        self.helper = sum(after[pid] - before for pid, before in self._helper.items() if pid in after)
+        self.cores = psutil.cpu_count()
+
+    def report(self, cells: int) -> float:
+        per = lambda seconds: seconds / cells * 1e3  # noqa: E731
+        rest = self.machine - self.own - self.helper
+        print(f"    CPU per cell {per(self.machine):6.2f} ms: this process {per(self.own):.2f}, "
+              f"{self.label} {per(self.helper):.2f}, processes that came and went and the OS "
+              f"{per(rest):.2f}; floor on {self.cores} busy cores {per(self.machine) / self.cores:.2f} ms")
+        return self.machine / cells
+
+
+def _busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0) - getattr(t, "guest", 0.0) \
+        - getattr(t, "guest_nice", 0.0)
