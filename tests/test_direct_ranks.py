@@ -4,7 +4,9 @@ checks, the order of a rank's lines and its answer, whose rank is whose for a ca
 still hold."""
 
 import os
+import select
 import signal
+import threading
 import time
 
 import pytest
@@ -157,3 +159,37 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+class _StopsTheNodeOnRegister:
+    """The direct reader's epoll, with the node stopped (from another thread, as the pool's watch
+    or `%lepton down` do) the moment a standby is to be watched."""
+
+    def __init__(self, direct):
+        self.direct, self.poll = direct, direct._poll
+
+    def register(self, fd, mask):
+        stopper = threading.Thread(target=self.direct.close)
+        stopper.start()
+        stopper.join(0.5)  # stopped by now, unless the register holds it off
+        return self.poll.register(fd, mask)
+
+    def __getattr__(self, name):
+        return getattr(self.poll, name)
+
+
+def test_a_node_stopped_while_the_kernel_takes_an_offer_leaves_the_cell_unharmed(ip, run_cell, pool):
+    result, out = run_cell("%%lepton --nodes 2\nx = 1\n")  # its replacements are offered, not taken yet
+    assert result.success, out
+    direct = pool.live_nodes[0].direct
+    deadline = time.monotonic() + 10
+    while not select.select([direct._offers], [], [], 0.05)[0]:
+        assert time.monotonic() < deadline, "the agent offered no new standby"
+    direct._poll = _StopsTheNodeOnRegister(direct)
+    direct.standbys(False)  # takes the offer; the node stops meanwhile
+    direct._thread.join(5)
+    assert not direct._thread.is_alive() and not direct._by_fd, "the stopped node kept watching standbys"
+    # That node's ranks go through its agent now.
+    result, out = run_cell("%%lepton --nodes 2\ny = 2\n")
+    assert result.success, out
+    assert ip.user_ns["y"] == 2

@@ -212,13 +212,13 @@ class DirectRanks:
             log.warning("dropped a standby offer from %s that does not read (%s: %s)", self.link.name,
                         type(e).__name__, e)
             return True
-        with self._lock:
+        with self._lock:  # registered under it: a node stopped meanwhile has not closed the epoll yet
             if self._closed:
                 standby.sock.close()
                 return False
             self._by_fd[standby.sock.fileno()] = standby
             self._idle[standby.preloaded].append(standby)
-        self._poll.register(standby.sock.fileno(), select.EPOLLIN)  # its frames, or its end
+            self._poll.register(standby.sock.fileno(), select.EPOLLIN)  # its frames, or its end
         return True
 
     def _read(self, standby: Standby) -> None:
