@@ -113,8 +113,14 @@ class Pool:
             started = time.time()
             for name in names:
                 self.store.upsert_node(self.id, name, status="starting", started=started)
-            links = self.backend.start_nodes(names, self.secret, self._on_message, self._on_lost,
-                                             str(self._log_dir))
+            try:
+                links = self.backend.start_nodes(names, self.secret, self._on_message, self._on_lost,
+                                                 str(self._log_dir))
+            except LeptonError as e:  # none of them started (the backend stopped those that had)
+                for name in names:
+                    self.store.upsert_node(self.id, name, status="lost")
+                self.store.add_event("pool_grow_refused", {"nodes": len(names), "reason": str(e)}, pool=self.id)
+                raise
             self.nodes.extend(links)
         deadline = time.monotonic() + NODE_START_TIMEOUT
         failed = []

@@ -12,7 +12,9 @@ import _thread
 
 import lepton_magic as lm
 from lepton_magic import protocol
+from lepton_magic.errors import LeptonError
 from lepton_magic.session import Session
+from lepton_magic.store import Store
 
 from procs import descendants, wait_gone
 
@@ -197,3 +199,37 @@ def test_a_live_agent_drops_a_tampered_frame(tmp_path):
         agent.stdin.close()
         agent.wait(10)
     assert "failed HMAC verification" in agent.stderr.read().decode()
+
+
+def test_a_node_that_cannot_be_started_leaves_no_agent_and_no_descriptor(tmp_path, monkeypatch):
+    """The second agent's process cannot be made (here: too many open files): the first agent is
+    stopped, no socket of either is left open, the user gets one line, and the store does not
+    show nodes 'starting' for ever."""
+    from lepton_magic.backends import local
+
+    real_popen, made = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        if made:
+            raise OSError(24, "Too many open files")
+        made.append(real_popen(*args, **kwargs))
+        return made[-1]
+
+    session = Session(store=Store(tmp_path))
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(local.subprocess, "Popen", popen)
+    try:
+        session.up("local", 2)
+    except LeptonError as e:
+        message = str(e)
+    else:
+        raise AssertionError("the pool came up without its second node")
+    monkeypatch.undo()
+    assert "\n" not in message and "Too many open files" in message, message
+    assert made and made[0].wait(10) is not None, "the first agent was left running"
+    statuses = {row["node"]: row["status"] for row in session.store.query("SELECT node, status FROM nodes")}
+    assert "starting" not in statuses.values(), statuses
+    session.down()
+    session.store.close()
+    leaked = set(os.listdir("/proc/self/fd")) - fds_before
+    assert not [os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")]

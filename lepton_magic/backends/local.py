@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from .. import private, sharedmem
+from ..errors import LeptonError
 from ..agent import spot
 from .base import Backend, NodeLink, OnLost, OnMessage
 from .direct import DirectRanks
@@ -35,13 +36,24 @@ class LocalBackend(Backend):
 
     def start_nodes(self, names: list[str], secret: bytes, on_message: OnMessage, on_lost: OnLost,
                     log_dir: str) -> list[NodeLink]:
-        links = []
+        links: list[NodeLink] = []
         env = dict(os.environ, LEPTON_PRELOAD=self.settings.get("preload", "torch"))
         watch = spot.agent_arguments(spot.metadata_url(self.settings))  # tests: a fake metadata server
         for name in names:
-            # The agent offers its standbys on this socket: the kernel then talks to them straight.
-            offers, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if _direct() else (None, None)
-            direct = ["--direct-fd", str(theirs.fileno())] if theirs else []
+            try:
+                links.append(self._start_node(name, secret, on_message, on_lost, log_dir, env, watch))
+            except OSError as e:  # no process could be made (too many files, no memory): all or none
+                for link in links:
+                    self.stop_node(link)
+                raise LeptonError(f"could not start local node {name}: {e.strerror or e}") from e
+        return links
+
+    def _start_node(self, name: str, secret: bytes, on_message: OnMessage, on_lost: OnLost, log_dir: str,
+                    env: dict, watch: list[str]) -> NodeLink:
+        # The agent offers its standbys on this socket: the kernel then talks to them straight.
+        offers, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if _direct() else (None, None)
+        direct = ["--direct-fd", str(theirs.fileno())] if theirs else []
+        try:
             with private.open_file(os.path.join(log_dir, f"agent-{name}.log"), "ab") as agent_log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "lepton_magic.agent", "--node", name,
@@ -60,14 +72,18 @@ class LocalBackend(Backend):
                     # the run itself; the agent must not die half-way on the same signal.
                     start_new_session=True,
                 )
-            self._procs[name] = proc
-            _widen_pipe(proc.stdout.fileno())
-            link = NodeLink(name, proc.stdin.fileno(), proc.stdout.fileno(), secret, on_message, on_lost)
-            if offers is not None:
-                theirs.close()
-                link.direct = DirectRanks(link, offers)
-            links.append(link)
-        return links
+        except BaseException:
+            for sock in (offers, theirs):
+                if sock is not None:
+                    sock.close()
+            raise
+        self._procs[name] = proc
+        _widen_pipe(proc.stdout.fileno())
+        link = NodeLink(name, proc.stdin.fileno(), proc.stdout.fileno(), secret, on_message, on_lost)
+        if offers is not None:
+            theirs.close()
+            link.direct = DirectRanks(link, offers)
+        return link
 
     def master_addr(self, link: NodeLink) -> str:
         return "127.0.0.1"
