@@ -115,7 +115,7 @@ def _up_args(line):
 @magic_arguments()
 @argument("--yes", action="store_true", help="terminate what was found (without it, only list)")
 def _gc_args(line):
-    """%lepton gc [--yes]: EC2 instances this tool launched that no live pool owns."""
+    """%lepton gc [--yes]: EC2 instances and security groups of this tool that no live pool owns."""
 
 
 @magic_arguments()

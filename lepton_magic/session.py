@@ -122,9 +122,9 @@ class Session:
                                            "price_note"])
 
     def gc(self, terminate: bool = False) -> list[dict]:
-        """Every EC2 instance this tool launched, each with what gc does to it and why (the
-        "action" and "why" keys): only yours whose pool is alive nowhere (not up here, heartbeat
-        stale) are terminated, and only with ``terminate``. See aws/gc.py."""
+        """Every EC2 instance and pool security group this tool made, each with what gc does to
+        it and why (the "action" and "why" keys): only yours whose pool is alive nowhere (not up
+        here, heartbeat stale) are terminated or deleted, and only with ``terminate``. See aws/gc.py."""
         import boto3
 
         from .aws import gc

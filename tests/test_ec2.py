@@ -301,17 +301,29 @@ def test_gc_spares_pools_alive_elsewhere_and_acts_only_with_yes(aws, sshd, tmp_p
     client = ec2_client(aws)
     now, stale = time.time(), time.time() - 3600
 
-    def instance(pool, who, beat):
-        tags = [{"Key": "lepton:pool", "Value": pool}, {"Key": "lepton:owner", "Value": who},
+    def tags(pool, who, beat):
+        return [{"Key": "lepton:pool", "Value": pool}, {"Key": "lepton:owner", "Value": who},
                 {"Key": "lepton:heartbeat", "Value": str(int(beat))}]
+
+    def instance(pool, who, beat, groups=()):
         return client.run_instances(ImageId="ami-0123456789abcdef0", InstanceType="g4dn.xlarge", MinCount=1,
-                                    MaxCount=1, TagSpecifications=[{"ResourceType": "instance", "Tags": tags}]
+                                    MaxCount=1, SecurityGroupIds=list(groups), TagSpecifications=[
+                                        {"ResourceType": "instance", "Tags": tags(pool, who, beat)}]
                                     )["Instances"][0]["InstanceId"]
 
+    def group(pool, who, beat):
+        return client.create_security_group(GroupName=f"lepton-{pool}", Description="test", TagSpecifications=[
+            {"ResourceType": "security-group", "Tags": tags(pool, who, beat)}])["GroupId"]
+
+    # A kernel that died leaves its pool's security group too; its beat stops with its instances'.
+    alices_group, dead_group = group("p-alice-old", "alice@her-laptop", stale), group("p-dead", owner(), stale)
+    # A stale group of mine that an instance gc keeps is still in (that instance's beat is fresh).
+    held_group = group("p-held", owner(), stale)
+    groups = [alices_group, dead_group, held_group]
     alices_live = instance("p-alice", "alice@her-laptop", now)
-    alices_stale = instance("p-alice-old", "alice@her-laptop", stale)  # hers to clean up, not ours
-    mine_elsewhere = instance("p-other-notebook", owner(), now - 90)  # another kernel of mine, alive
-    mine_dead = instance("p-dead", owner(), stale)
+    alices_stale = instance("p-alice-old", "alice@her-laptop", stale, [alices_group])  # hers, not ours
+    mine_elsewhere = instance("p-other-notebook", owner(), now - 90, [held_group])  # mine, alive elsewhere
+    mine_dead = instance("p-dead", owner(), stale, [dead_group])
     # A pool up in a first "kernel"; a second one runs gc: the first's pool is spared by its heartbeat.
     first = ec2_session(aws, sshd, tmp_path / "first")
     try:
@@ -329,6 +341,11 @@ def test_gc_spares_pools_alive_elsewhere_and_acts_only_with_yes(aws, sshd, tmp_p
         assert "alive elsewhere (last heartbeat" in rows[live_id]["why"]
         assert rows[alices_stale]["why"].startswith("owned by alice@her-laptop, not ")
         assert "pool p-dead is not up anywhere (last heartbeat 60 min ago)" in rows[mine_dead]["why"]
+        live_group = pool.backend.group
+        assert {g: rows[g]["action"] for g in (*groups, live_group)} == {
+            alices_group: "keep", dead_group: "delete", held_group: "keep", live_group: "keep"}
+        assert rows[held_group]["why"] == f"instance(s) kept are in it: {mine_elsewhere}"
+        assert rows[dead_group]["why"].startswith("yours, pool p-dead is not up anywhere (last heartbeat 60 min")
         assert _alive(client, [mine_dead]) == [mine_dead]  # listing changes nothing
         assert first.gc()[0]  # in its own kernel the pool is "up in this process"
         assert [r for r in first.gc() if r["id"] == live_id][0]["why"] == f"pool {pool.id} is up in this process"
@@ -336,17 +353,30 @@ def test_gc_spares_pools_alive_elsewhere_and_acts_only_with_yes(aws, sshd, tmp_p
         listed = subprocess.run([sys.executable, "-m", "lepton_magic.cli", "gc"], capture_output=True, text=True,
                                 env=env, timeout=60)
         assert f"terminate  {mine_dead}" in listed.stdout and f"keep       {live_id}" in listed.stdout
-        assert "run lepton-magic gc --yes to terminate them" in listed.stdout
-        assert _alive(client, [mine_dead]) == [mine_dead]
+        assert f"delete     {dead_group}  security-group" in listed.stdout
+        assert "1 instance(s) and 1 security group(s) would be removed" in listed.stdout
+        assert "run lepton-magic gc --yes to remove them" in listed.stdout
+        assert _alive(client, [mine_dead]) == [mine_dead] and _groups(client, groups) == set(groups)
         done = subprocess.run([sys.executable, "-m", "lepton_magic.cli", "gc", "--yes"], capture_output=True,
                               text=True, env=env, timeout=60)
-        assert f"terminated {mine_dead}" in done.stdout and "terminated 1 instance(s)" in done.stdout
+        assert f"terminated {mine_dead}" in done.stdout and f"deleted    {dead_group}" in done.stdout
+        assert "terminated 1 instance(s) and deleted 1 security group(s)" in done.stdout
         assert set(_alive(client, [alices_live, alices_stale, mine_elsewhere, mine_dead, live_id])) == {
             alices_live, alices_stale, mine_elsewhere, live_id}
+        assert _groups(client, [*groups, live_group]) == {alices_group, held_group, live_group}
         assert pool.live_nodes  # the live pool still works
     finally:
         first.down()
         client.terminate_instances(InstanceIds=[alices_live, alices_stale, mine_elsewhere])
+        for g in groups:
+            try:
+                client.delete_security_group(GroupId=g)
+            except Exception:
+                pass
+
+
+def _groups(client, ids) -> set:
+    return {g["GroupId"] for g in client.describe_security_groups()["SecurityGroups"] if g["GroupId"] in ids}
 
 
 def _tags(client, instance_id) -> dict:

@@ -139,17 +139,23 @@ def ensure_pool_group(ec2, pool_id: str, cidr: str) -> str:
 
 def delete_group(ec2, group: str, attempts: int = 10, delay: float = 3.0) -> bool:
     """After its instances terminated (AWS may hold their interfaces a little longer)."""
+    return group_deletion_error(ec2, group, attempts, delay) is None
+
+
+def group_deletion_error(ec2, group: str, attempts: int = 10, delay: float = 3.0) -> str | None:
+    """Delete the group, waiting while AWS holds it for instances that terminated; None once it
+    is gone, else why not ("DependencyViolation: ..." while it is still held)."""
     for attempt in range(attempts):
         try:
             ec2.delete_security_group(GroupId=group)
-            return True
+            return None
         except Exception as e:
             if _code(e) == "InvalidGroup.NotFound":
-                return True
+                return None
             if _code(e) != "DependencyViolation" or attempt == attempts - 1:
-                return False
+                return f"{_code(e) or type(e).__name__}: {e}"
             time.sleep(delay)
-    return False
+    return "not tried"
 
 
 def caller_cidr() -> str:
