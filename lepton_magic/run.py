@@ -210,7 +210,7 @@ class Run:
 
     @property
     def outputs(self) -> dict[str, Any]:
-        """The variables the cell assigned, from rank 0."""
+        """The variables the cell assigned, from rank 0 (of a sweep: of its best trial)."""
         if self._live is not None and self._live.done.is_set():
             return dict(self._live.outputs)
         from .liverun import OUTPUTS_FILE, outputs_dir, read_outputs
@@ -218,6 +218,9 @@ class Run:
         row = self._row()
         if row["status"] != "succeeded" or not json.loads(row["outputs"] or "[]"):
             return {}
+        if row.get("sweep"):  # a sweep's outputs are its best trial's
+            best = json.loads(row["sweep"]).get("best")
+            return self.trial(best["trial"]).outputs if best else {}
         path = outputs_dir(self._store, self.id) / OUTPUTS_FILE
         deadline = time.monotonic() + 30
         while not path.exists():  # written just after the run ended, by the kernel that ran it

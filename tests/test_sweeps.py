@@ -304,3 +304,25 @@ def test_releasing_the_pool_cancels_a_sweep_with_the_pools_reason(session):
     assert run.wait_done(30) and run.status == "cancelled"
     assert session.store.run_row(run.seq)["reason"] == "the pool was released"
     assert len(run.trials) == 2  # no trial was started on the pool that went
+
+
+def test_a_finished_sweeps_outputs_read_back_in_a_later_session(tmp_path):
+    """A sweep's outputs are its best trial's: a later kernel (or one that attaches) reads them
+    from the store, as for any run."""
+    home = tmp_path / "home"
+    code = "lepton.log(step=0, loss=(lr - 0.3) ** 2)\nmodel = {'lr': lr}\n"
+    first = Session(store=Store(home))
+    try:
+        run = first.submit(code, {}, nodes=1, sweep=make_spec("lr=[0.1,0.3,0.5]", objective="min loss"))
+        run.wait(60)
+        assert run.outputs == {"model": {"lr": 0.3}}
+    finally:
+        first.close()
+    later = Session(store=Store(home))
+    try:
+        t0 = time.monotonic()
+        again = later.get_run(run.id)
+        assert again.is_sweep and again.outputs == {"model": {"lr": 0.3}}
+        assert time.monotonic() - t0 < 5
+    finally:
+        later.close()
