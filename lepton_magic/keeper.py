@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -34,6 +35,9 @@ from .errors import LeptonError
 from .inputs import Inputs
 from .scheduler import RunSpec
 from .store import Store
+
+if TYPE_CHECKING:
+    from .sweeps.space import SweepSpec
 
 log = logging.getLogger("lepton_magic.keeper")
 
@@ -50,9 +54,10 @@ def log_path(store: Store, run_id: str) -> Path:
 
 
 def launch(store: Store, *, seq: int, run_id: str, name: str, backend: str, spec: RunSpec,
-           config: dict, settings: dict) -> int:
-    """Start the keeper of run ``seq`` and wait until it has taken the run; returns its pid.
-    A keeper that cannot start fails the run with the end of its log."""
+           config: dict, settings: dict, sweep: "SweepSpec | None" = None, nodes_given: int | None = None) -> int:
+    """Start the keeper of run ``seq`` (a sweep's, with ``sweep``: it drives every trial) and
+    wait until it has taken the run; returns its pid. A keeper that cannot start fails the run
+    with the end of its log."""
     folder = spec_dir(store)
     private.make_dir(folder)
     private.make_dir(Path(store.home) / "logs")
@@ -60,7 +65,8 @@ def launch(store: Store, *, seq: int, run_id: str, name: str, backend: str, spec
     fields["inputs"] = spec.inputs.joined() if spec.inputs is not None else None
     fields["plan"] = pickle.dumps(spec.plan) if spec.plan is not None else None  # (paths, hashes)
     body = msgpack.packb({"seq": seq, "run_id": run_id, "name": name, "backend": backend, "spec": fields,
-                          "config": config, "settings": settings})
+                          "config": config, "settings": settings, "nodes_given": nodes_given,
+                          "sweep": pickle.dumps(sweep) if sweep is not None else None})
     path = folder / f"{run_id}.spec"
     with private.open_file(path, "wb") as f:
         f.write(body)
@@ -130,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**data["settings"], "resumable": data["backend"] != "local"}
     log.info("keeping %s (%s) on %s", data["name"], data["run_id"], data["backend"])
     try:
-        run = session.start_prepared(seq, data["run_id"], data["name"], data["backend"], spec, settings)
+        if data.get("sweep") is not None:
+            run = session.start_prepared_sweep(seq, data["run_id"], data["name"], data["backend"], spec,
+                                               pickle.loads(data["sweep"]), data.get("nodes_given"), settings)
+        else:
+            run = session.start_prepared(seq, data["run_id"], data["name"], data["backend"], spec, settings)
     except BaseException as e:  # recorded on the run by start_prepared; say it here too
         log.error("%s could not start: %s", data["name"], e)
         session.close("the detached run could not start")

@@ -207,8 +207,6 @@ def _sweep_spec(args):
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} goes with --sweep")
         return None
-    if args.detach:
-        raise UsageError("--detach does not go with --sweep: a sweep is driven by its kernel")
     if args.nodes and args.nodes_per_trial and args.nodes < args.nodes_per_trial:
         raise UsageError(f"--nodes {args.nodes} is fewer than --nodes-per-trial {args.nodes_per_trial}")
     from .sweeps.space import make_spec

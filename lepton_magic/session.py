@@ -22,6 +22,7 @@ from .run import Run
 from .store import Store
 
 if TYPE_CHECKING:
+    from .sweeps.driver import SweepRun
     from .sweeps.space import SweepSpec
 
 
@@ -261,7 +262,8 @@ class Session:
         record = dict(backend=backend, nodes=nodes, gpus=gpus, code=code, inputs=input_names, timeout=timeout,
                       env=env or {}, retries=retries)
         if detach:
-            return self._submit_detached(run_id, name, spec, record, namespace if bind else None)
+            return self._submit_detached(run_id, name, spec, record, namespace if bind else None, sweep,
+                                         nodes_given)
         if sweep is not None:
             return self._submit_sweep(run_id, name, spec, record, sweep, nodes_given,
                                       namespace if bind else None, on_done)
@@ -317,14 +319,26 @@ class Session:
     def _submit_sweep(self, run_id: str, name: str | None, spec: RunSpec, record: dict, sweep: "SweepSpec",
                       nodes_given: int | None, namespace: dict | None, on_done) -> Run:
         """A sweep: its own row, and a driver that runs each trial as a run under it (sweeps/)."""
-        from .sweeps.driver import SweepRun
-
-        per_trial = sweep.nodes_per_trial
-        self._check_node_count(per_trial)
+        self._check_node_count(sweep.nodes_per_trial)
         pool = self.up(record["backend"], 0)
+        self._plan_sweep(pool, sweep, nodes_given)
+        seq, name = self.store.add_run(run_id, name, pool=pool.id,
+                                       **{**record, "nodes": sweep.parallel * sweep.nodes_per_trial},
+                                       sweep=sweep.describe())
+        callbacks: list[Callable] = [self._forget]
+        if namespace is not None:  # the best trial's outputs
+            callbacks.append(lambda live: self._queue_binding(namespace, live))
+        if on_done is not None:
+            callbacks.append(on_done)
+        return Run(self.store, seq, self._start_sweep(pool, seq, run_id, name, spec, sweep, callbacks), self)
+
+    def _plan_sweep(self, pool: Pool, sweep: "SweepSpec", nodes_given: int | None) -> None:
+        """How many trials run at once (``sweep.parallel``): as asked, else the nodes given, else
+        the pool's free ones, shared out among trials; never past the pool's --max."""
+        per_trial = sweep.nodes_per_trial
         if sweep.parallel:
             parallel = sweep.parallel
-        else:  # the nodes given, else the pool's free ones, shared out among trials
+        else:
             budget = nodes_given or max(len(pool.live_nodes) - len(pool.busy), self.config["nodes"])
             parallel = max(1, budget // per_trial)
         if pool.max_nodes:
@@ -332,17 +346,15 @@ class Session:
         parallel = min(parallel, sweep.trials)
         self._check_node_count(parallel * per_trial)
         sweep.parallel = parallel  # what the sweep runs with (the store and the pruner see it)
-        seq, name = self.store.add_run(run_id, name, pool=pool.id, **{**record, "nodes": parallel * per_trial},
-                                       sweep=sweep.describe())
-        pool.ensure(parallel * per_trial)  # the nodes start together, not trial by trial
-        callbacks: list[Callable] = [self._forget]
-        if namespace is not None:  # the best trial's outputs
-            callbacks.append(lambda live: self._queue_binding(namespace, live))
-        if on_done is not None:
-            callbacks.append(on_done)
-        base = dataclasses.replace(spec, nodes=per_trial, owns_inputs=False)  # the sweep frees them
+
+    def _start_sweep(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec, sweep: "SweepSpec",
+                     callbacks: list[Callable]) -> "SweepRun":
+        from .sweeps.driver import SweepRun
+
+        pool.ensure(sweep.parallel * sweep.nodes_per_trial)  # the nodes start together, not trial by trial
+        base = dataclasses.replace(spec, nodes=sweep.nodes_per_trial, owns_inputs=False)  # the sweep frees them
         live = SweepRun(session=self, pool=pool, seq=seq, run_id=run_id, name=name, spec=sweep, base=base,
-                        parallel=parallel, on_done=callbacks)
+                        parallel=sweep.parallel, on_done=callbacks)
         with self._lock:
             self.live[run_id] = live
             self._last_live = live
@@ -355,7 +367,7 @@ class Session:
             with self._lock:
                 self.live.pop(run_id, None)
             raise
-        return Run(self.store, seq, live, self)
+        return live
 
     def start_trial(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
         """One trial of a sweep: an ordinary run (queued when the pool is busy), not the last run."""
@@ -363,12 +375,17 @@ class Session:
         return self._start(pool, seq, run_id, name, spec, last=False)
 
     def _submit_detached(self, run_id: str, name: str | None, spec: RunSpec, record: dict,
-                         namespace: dict | None) -> Run:
+                         namespace: dict | None, sweep: "SweepSpec | None" = None,
+                         nodes_given: int | None = None) -> Run:
         from . import keeper
 
-        seq, name = self.store.add_run(run_id, name, detached=1, **record)
+        if sweep is not None:
+            self._check_node_count(sweep.nodes_per_trial)
+        seq, name = self.store.add_run(run_id, name, detached=1, **record,
+                                       **({"sweep": sweep.describe()} if sweep is not None else {}))
         keeper.launch(self.store, seq=seq, run_id=run_id, name=name, backend=record["backend"], spec=spec,
-                      config=dict(self.config.values), settings=self.pool_settings(record["backend"]))
+                      config=dict(self.config.values), settings=self.pool_settings(record["backend"]),
+                      sweep=sweep, nodes_given=nodes_given)
         with self._lock:
             self.last_seq = seq
         run = Run(self.store, seq, None, self)
@@ -389,6 +406,22 @@ class Session:
             raise
         spec.on_done = [self._forget]
         return Run(self.store, seq, self._start(pool, seq, run_id, name, spec), self)
+
+    def start_prepared_sweep(self, seq: int, run_id: str, name: str, backend: str, spec: RunSpec,
+                             sweep: "SweepSpec", nodes_given: int | None, settings: dict) -> Run:
+        """The keeper's side of a detached sweep: as ``start_prepared``, then the sweep as
+        ``submit`` would start it, planned on the keeper's own pool."""
+        try:
+            pool = self.up(backend, 0, **settings)
+            self._plan_sweep(pool, sweep, nodes_given)
+            self.store.update_run(seq, pool=pool.id, nodes=sweep.parallel * sweep.nodes_per_trial,
+                                  sweep=sweep.describe())
+        except Exception as e:
+            self.store.update_run(seq, status="failed", ended=time.time(),
+                                  error={"type": "LeptonError", "message": str(e)})
+            raise
+        return Run(self.store, seq, self._start_sweep(pool, seq, run_id, name, spec, sweep, [self._forget]),
+                   self)
 
     # --- binding outputs -------------------------------------------------------------------
     def _queue_binding(self, namespace: dict, live: LiveRun) -> None:

@@ -147,3 +147,72 @@ def test_a_detached_run_that_cannot_start_says_why(home):
         assert "cannot reach nobody@127.0.0.1:1" in str(run.error)
     finally:
         session.close()
+
+
+SWEEP_CELL = """%%lepton --detach --async --nodes 2 --name {name} --sweep "lr=[0.1,0.2,0.3,0.4,0.5,0.6]" --objective "min loss"
+import time
+for step in range(10):
+    lepton.log(step=step, loss=(lr - 0.3) ** 2 + 1.0 / (step + 1))
+    time.sleep(0.1)
+model = {{"lr": lr, "trial": lepton.trial}}
+"""
+
+
+def test_a_detached_sweep_outlives_its_killed_kernel_and_a_new_kernel_gets_the_best(home, tmp_path):
+    """The keeper drives a detached sweep's trials: the kernel is killed after the first trials
+    started, every trial still runs once, and a later kernel that attaches gets the best one's
+    outputs; a second detached sweep is cancelled from another process with its trials."""
+    store = Store(home)
+    first = Kernel(home, str(tmp_path))
+    try:
+        assert first.run("%load_ext lepton_magic").status == "ok"
+        reply = first.run(SWEEP_CELL.format(name="tuned"), timeout=60)
+        assert reply.status == "ok", reply.error
+        assert "tuned detached" in reply.stdout
+        row = _wait_for(lambda: store.run_row("tuned"), 10, "the sweep is recorded")
+        assert row["detached"] and row["sweep"]
+        _wait_for(lambda: store.execute("SELECT COUNT(*) FROM runs WHERE parent=?", (row["seq"],))[0][0] >= 2,
+                  60, "the first trials start")
+        keeper = store.run_row("tuned")["owner_pid"]
+        kernel_pid = first.manager.provisioner.process.pid
+        assert keeper != kernel_pid
+        os.kill(kernel_pid, signal.SIGKILL)
+    finally:
+        first.client.stop_channels()
+        first.manager.cleanup_resources()
+    time.sleep(1.0)
+    assert store.run_row("tuned")["status"] == "running", "the sweep died with its kernel"
+
+    second = Kernel(home, str(tmp_path))
+    try:
+        assert second.run("%load_ext lepton_magic").status == "ok"
+        reply = second.run("%lepton attach tuned", timeout=120)
+        assert reply.status == "ok", reply.error
+        reply = second.run("import lepton_magic as lm\nrun = lm.get_run('tuned').wait(120)\n"
+                           "print(run.status, len(run.trials), sorted(set(run.trials['status'])), run.best['params'])",
+                           timeout=150)
+        assert reply.status == "ok", reply.error
+        assert reply.stdout.strip() == "succeeded 6 ['succeeded'] {'lr': 0.3}"
+        reply = second.run("print(model['lr'], model['trial'] == run.best['trial'])")
+        assert reply.status == "ok", reply.error
+        assert reply.stdout.strip() == "0.3 True"
+    finally:
+        second.stop()
+    trials = store.query("SELECT trial, COUNT(*) AS n FROM runs WHERE parent=? GROUP BY trial", (row["seq"],))
+    assert sorted((t["trial"], t["n"]) for t in trials) == [(n, 1) for n in range(6)]
+    _wait_for(lambda: not psutil.pid_exists(keeper), 20, "the keeper exits after the sweep")
+
+    session = Session(store=Store(home))
+    try:
+        long = "import time\nfor i in range(600):\n    time.sleep(0.1)\n"
+        from lepton_magic.sweeps.space import make_spec
+
+        sweep = session.submit(long, {}, nodes=1, detach=True, sweep=make_spec("lr=[1,2,3]"))
+        _wait_for(lambda: store.execute("SELECT COUNT(*) FROM runs WHERE parent=? AND status='running'",
+                                        (sweep.seq,))[0][0] >= 1, 60, "a trial runs")
+        Session(store=Store(home)).get_run(sweep.name).cancel()
+        _wait_for(lambda: sweep.status == "cancelled", 30, "the sweep is cancelled")
+        statuses = [r["status"] for r in store.query("SELECT status FROM runs WHERE parent=?", (sweep.seq,))]
+        assert statuses and set(statuses) == {"cancelled"}, statuses
+    finally:
+        session.close()

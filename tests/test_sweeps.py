@@ -195,7 +195,6 @@ def test_a_named_study_goes_on_in_a_later_session(tmp_path):
     ('--sweep "lr=[1,2]" --objective "lowest loss"', '--objective takes "min METRIC" or "max METRIC"'),
     ('--sweep "lr=[1,2]" --prune sometimes', "--prune takes median, asha, none"),
     ('--trials 4', "--trials goes with --sweep"),
-    ('--sweep "lr=[1,2]" --detach', "--detach does not go with --sweep"),
     ('--sweep "lr=uniform(1,0)" --trials 2', "low must be below high"),
     ('--sweep "lr=[__import__(\'os\')]"', "is not a literal value"),
 ])
