@@ -294,9 +294,12 @@ class Pool:
     def release_run(self, run_id: str) -> None:
         with self._changed:
             self._give_back(run_id)
-            run = self.runs.pop(run_id, None)
+            # Into _ending before out of runs: the agents' reader threads look in both, unlocked,
+            # and a late line read in between would find the run in neither.
+            run = self.runs.get(run_id)
             if run is not None and not run.all_exited:
                 self._ending[run_id] = (time.monotonic() + ENDING_SECONDS, run)
+            self.runs.pop(run_id, None)
             self._changed.notify_all()  # a queued run may take them
 
     def _give_back(self, run_id: str) -> None:

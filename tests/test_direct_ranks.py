@@ -6,12 +6,15 @@ still hold."""
 import os
 import select
 import signal
+import socket
 import threading
 import time
 
+import msgpack
 import pytest
 
 import lepton_magic as lm
+from lepton_magic.protocol import KEY_SIZE, Frame, FrameReader
 
 
 @pytest.fixture
@@ -193,3 +196,165 @@ def test_a_node_stopped_while_the_kernel_takes_an_offer_leaves_the_cell_unharmed
     result, out = run_cell("%%lepton --nodes 2\ny = 2\n")
     assert result.success, out
     assert ip.user_ns["y"] == 2
+
+
+# --- the kernel's side alone: a NodeLink over pipes, standbys offered by hand --------------------
+
+def _bare_node(on_lost=lambda link, reason: None):
+    """A link whose 'agent' is this test: the pipes' far ends, and the offers socket's."""
+    from lepton_magic.backends.base import NodeLink
+    from lepton_magic.backends.direct import DirectRanks
+
+    agent_r, kernel_w = os.pipe()
+    kernel_r, agent_w = os.pipe()
+    link = NodeLink("bare", kernel_w, kernel_r, os.urandom(32), lambda link, message: None, on_lost)
+    offers, agent_offers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link.direct = DirectRanks(link, offers)
+    key = os.read(agent_r, KEY_SIZE)  # what a real agent reads first
+    return link, agent_r, agent_w, agent_offers, key
+
+
+def _offer(agent_offers, sid: int) -> socket.socket:
+    """Offer a standby (here: one end of a socket pair this test keeps) as an agent would."""
+    mine, theirs = socket.socketpair()
+    about = msgpack.packb({"standby": sid, "pid": os.getpid(), "key": os.urandom(KEY_SIZE), "preloaded": False})
+    socket.send_fds(agent_offers, [about], [theirs.fileno()])
+    theirs.close()
+    return mine
+
+
+def _run_message(run: str, ranks: int) -> dict:
+    return {"t": "run", "run": run, "rank_offset": 0, "local_world_size": ranks, "world_size": ranks,
+            "preload": False, "code": "x = 1", "line_offset": 1, "inputs": None, "outputs": ["x"],
+            "explicit_outputs": False, "node": "bare", "node_rank": 0, "nnodes": 1}
+
+
+def _close_bare(link, *fds):
+    link.direct.close()
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_a_node_with_fewer_standbys_than_ranks_goes_through_its_agent():
+    """Two ranks on a node (two GPUs) and one standby offered: the agent starts both ranks; the
+    run must not fail with 'no standby was left' for the second."""
+    link, agent_r, agent_w, agent_offers, _key = _bare_node()
+    try:
+        kept = _offer(agent_offers, 1)
+        assert link.direct.standbys(False) == 1
+        assert link.direct.dispatch(_run_message("r-two", 2)) is None
+        assert link.direct.standbys(False) == 1 and link.direct.jobs_sent == 0
+        kept.close()
+    finally:
+        _close_bare(link, agent_r, agent_w)
+
+
+def test_the_agent_is_told_of_every_job_sent_before_an_interrupt(monkeypatch):
+    """Ctrl-C while the second of three jobs is written: the agent still learns which standbys
+    took jobs of the run (so a cancel kills them), and the third goes back to the idle ones."""
+    from lepton_magic.backends import direct
+
+    link, agent_r, agent_w, agent_offers, key = _bare_node()
+    try:
+        kept = [_offer(agent_offers, sid) for sid in (1, 2, 3)]
+        assert link.direct.standbys(False) == 3
+        real_send, sent = direct.FrameWriter.send, []
+
+        def send(self, message, final=False):
+            sent.append(message)
+            if len(sent) == 2:
+                raise KeyboardInterrupt
+            return real_send(self, message, final)
+
+        monkeypatch.setattr(direct.FrameWriter, "send", send)
+        with pytest.raises(KeyboardInterrupt):
+            link.direct.dispatch(_run_message("r-three", 3))
+        monkeypatch.undo()
+        assert link.direct.standbys(False) == 1  # the third never got its job
+        link.direct.tell_agent("r-three")  # what the run's abort does before it cancels
+        assert select.select([agent_r], [], [], 3)[0], "the agent was told nothing"
+        told = FrameReader(agent_r, key).read()
+        assert told == {"t": "assigned", "run": "r-three", "ranks": [[1, 0], [2, 1]]}
+        for sock in kept:
+            sock.close()
+    finally:
+        _close_bare(link, agent_r, agent_w)
+
+
+def test_a_node_lost_while_the_agent_is_told_does_not_hang_the_thread_telling_it():
+    """Writing 'assigned' fails (the agent died): the node's loss makes its runs tell their
+    agents in turn; that must not wait for the lock the first telling holds."""
+    from lepton_magic.backends.direct import _Untold
+
+    lost = threading.Event()
+
+    def on_lost(link, reason):
+        link.direct.tell_agent("r-gone")  # what a run's end does (liverun._tell_agents)
+        lost.set()
+
+    link, agent_r, agent_w, agent_offers, _key = _bare_node(on_lost)
+    os.close(agent_r)  # the agent is gone: writing to it fails (EPIPE)
+    link.direct._untold["r-gone"] = _Untold(ranks=[[1, 0]], since=time.monotonic(), sending=False)
+    teller = threading.Thread(target=link.direct.tell_agent, args=("r-gone",), daemon=True)
+    teller.start()
+    teller.join(3)
+    assert not teller.is_alive(), "telling the agent hung when the node was lost"  # (left as it is)
+    assert lost.wait(3) and not link.alive
+    _close_bare(link, agent_w)
+
+
+def test_a_message_kind_that_is_not_a_name_is_refused_and_the_node_goes_on():
+    link, agent_r, agent_w, agent_offers, _key = _bare_node()
+    try:
+        frame = Frame(b"", 0, "r-x", 0, 1, b"", b"")
+        link.deliver_rank_message(frame, {"t": ["result"], "run": "r-x", "rank": 0}, 0)
+        link.deliver_rank_message(frame, {"t": {"a": 1}, "run": "r-x", "rank": 0}, 0)
+        assert link.refused == 2 and link.alive
+    finally:
+        _close_bare(link, agent_r, agent_w)
+
+
+def test_a_standby_socket_the_kernel_holds_is_not_inherited_by_the_cells_subprocesses():
+    link, agent_r, agent_w, agent_offers, _key = _bare_node()
+    try:
+        kept = _offer(agent_offers, 1)
+        assert link.direct.standbys(False) == 1
+        held = [s.sock for s in link.direct._idle[False]]
+        assert held and not any(os.get_inheritable(s.fileno()) for s in held)
+        kept.close()
+    finally:
+        _close_bare(link, agent_r, agent_w)
+
+
+def test_a_line_that_comes_as_its_run_is_released_reaches_the_run(tmp_path):
+    """The agents' reader threads route a run's late lines through Pool.runs, then _ending: a
+    line read just as the run moves from one to the other must still find it."""
+    from lepton_magic.session import Session
+    from lepton_magic.store import Store
+
+    session = Session(store=Store(tmp_path / "home"))
+    try:
+        pool = session.up("local", 0)
+        heard = []
+
+        class Ending:  # a run whose ranks have not all exited yet
+            id, all_exited = "r-late", False
+
+            def on_message(self, link, message):
+                heard.append(message["line"])
+
+        class Runs(dict):
+            def pop(self, key, *default):
+                value = super().pop(key, *default)
+                pool._on_message(None, {"t": "log", "run": key, "line": "late"})  # a reader thread, now
+                return value
+
+        pool.runs = Runs(pool.runs)
+        pool.runs["r-late"] = Ending()
+        pool.release_run("r-late")
+        assert heard == ["late"]
+    finally:
+        session.close()

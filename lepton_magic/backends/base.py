@@ -39,6 +39,7 @@ class NodeLink:
         self.facts: dict = {}
         self.ready = threading.Event()
         self.alive = True
+        self._lost_lock = threading.Lock()  # the node is lost once, by whichever thread sees it first
         self.broken = False
         self.refused = 0  # verified frames of a rank that spoke beyond its run and rank
         #: When the last frame from the agent arrived (time.monotonic()): heartbeats come every
@@ -97,11 +98,11 @@ class NodeLink:
                     self._outbox.append(message)
                 self._resumer.disconnect(self)  # the reader sees the end and connects again
                 return
-            self._lost(f"cannot write to the agent ({e})")
+            self._lost(f"cannot write to the agent ({e})", inline=False)
         except BaseException:
             # Interrupted half-way through a frame: the agent would read garbage from here on.
             self.broken = True
-            self._lost("interrupted while sending to it")
+            self._lost("interrupted while sending to it", inline=False)
             raise
 
     def _key_for(self, channel: str) -> bytes:
@@ -223,7 +224,8 @@ class NodeLink:
 
     def _rank_may_say(self, frame: Frame, message: dict, rank: int | None = None) -> bool:
         """A rank's frame verified with its run's key: it speaks for that run and rank only."""
-        if (message.get("t") in RANK_MESSAGES and message.get("run") == frame.channel
+        kind = message.get("t")
+        if (isinstance(kind, str) and kind in RANK_MESSAGES and message.get("run") == frame.channel
                 and message.get("rank") == frame.sender and rank in (None, frame.sender)):
             return True
         self.refused += 1
@@ -236,11 +238,19 @@ class NodeLink:
         """Give up on the node (it stopped answering): its runs learn of it as of a crash."""
         self._lost(reason)
 
-    def _lost(self, reason: str) -> None:
-        if self.alive:
+    def _lost(self, reason: str, inline: bool = True) -> None:
+        with self._lost_lock:
+            if not self.alive:
+                return
             self.alive = False
-            self.ready.set()
+        self.ready.set()
+        if inline:
             self._on_lost(self, reason)
+        else:
+            # A sender may hold locks that the node's loss takes in turn (its runs', the direct
+            # ranks'): the loss is handled on a thread of its own, as the reader's would be.
+            threading.Thread(target=self._on_lost, args=(self, reason), daemon=True,
+                             name=f"lepton-{self.name}-lost").start()
 
 
 class LinkGone(Exception):

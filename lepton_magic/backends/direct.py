@@ -37,6 +37,8 @@ log = logging.getLogger("lepton_magic.backends")
 #: A run still going this long after its jobs were sent straight: its agent is told whose ranks
 #: they are (a short cell has ended by then, and its end tells the agent).
 LATER_SECONDS = 0.05
+#: How long telling the agent waits for another thread still sending the run's jobs.
+DISPATCH_WAIT_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -55,6 +57,15 @@ class Standby:
     lock: threading.Lock = field(default_factory=threading.Lock)  # reading and handing on, one at a time
 
 
+@dataclass(eq=False)
+class _Untold:
+    """A run whose agent has not been told yet whose ranks its standbys became."""
+
+    ranks: list[list[int]] = field(default_factory=list)  # [standby id, rank], as jobs go
+    since: float = float("inf")  # when its jobs were all sent
+    sending: bool = True  # its jobs are being sent
+
+
 class DirectRanks:
     """The kernel's side of one local agent's offered standbys: hands out jobs, reads answers."""
 
@@ -64,8 +75,9 @@ class DirectRanks:
         self._idle: dict[bool, list[Standby]] = {False: [], True: []}  # by preloaded
         self._by_fd: dict[int, Standby] = {}
         self._running: dict[tuple[str, int], Standby] = {}
-        self._untold: dict[str, tuple[float, list]] = {}  # runs the agent has not been told of
+        self._untold: dict[str, _Untold] = {}  # runs the agent has not been told of
         self._lock = threading.Lock()
+        self._dispatched = threading.Condition(self._lock)  # a run's jobs all sent (see tell_agent)
         self._poll = select.epoll()  # registering from another thread is safe with epoll
         self._wake_r, self._wake_w = os.pipe()
         self._poll.register(self._wake_r, select.EPOLLIN)
@@ -87,20 +99,37 @@ class DirectRanks:
         run = message["run"]
         preloaded = bool(message.get("preload", True))
         key = self.link.run_key(run)
-        events, assigned = [], []
-        for local_rank in range(message["local_world_size"]):
-            rank = message["rank_offset"] + local_rank
-            job = dict(message, t="job", local_rank=local_rank, key=key, preempting=False, direct=True)
-            standby = self._send_job(preloaded, job, key)
-            if standby is None:
-                if not assigned:
-                    return None  # nothing was sent: the agent starts them all
-                events += _not_started(run, rank, self.link.name)
-                continue
-            assigned.append([standby.sid, rank])
-            events.append({"t": "started", "run": run, "rank": rank, "pid": standby.pid, "time": time.time()})
-        with self._lock:  # told later (see tell_agent): waking the agent now would slow the cell
-            self._untold[run] = (time.monotonic(), assigned)
+        ranks = [message["rank_offset"] + local_rank for local_rank in range(message["local_world_size"])]
+        self._take_offers()
+        with self._lock:
+            idle = self._idle[preloaded]
+            if len(idle) < len(ranks):
+                return None  # not one for every rank of the node: the agent starts them all
+            taken = [idle.pop(0) for _ in ranks]  # the oldest: they finished starting long ago
+            # Whose rank each standby becomes is recorded before its job goes, so the agent is
+            # told of every job sent (tell_agent), even of a dispatch interrupted half-way.
+            untold = self._untold[run] = _Untold()
+        events: list[dict] | None = []
+        try:
+            for local_rank, rank in enumerate(ranks):
+                job = dict(message, t="job", local_rank=local_rank, key=key, preempting=False, direct=True)
+                standby = self._send_job(taken.pop(0) if taken else None, preloaded, job, key, untold)
+                if standby is None:
+                    if not untold.ranks:
+                        events = None  # nothing was sent (the standbys had died): the agent's way
+                        break
+                    events += _not_started(run, rank, self.link.name)
+                    continue
+                events.append({"t": "started", "run": run, "rank": rank, "pid": standby.pid,
+                               "time": time.time()})
+        finally:
+            with self._lock:
+                self._idle[preloaded][:0] = taken  # (interrupted: those not given a job yet)
+                untold.since, untold.sending = time.monotonic(), False
+                if events is None:
+                    del self._untold[run]
+                self._dispatched.notify_all()
+        # The agent is told later (see tell_agent): waking it now would slow the cell.
         return events
 
     def tell_agent(self, run: str) -> None:
@@ -109,32 +138,45 @@ class DirectRanks:
         'unclaimed'); before anything the agent must act on: a cancel (on the same pipe, after
         this), a rank's lines the run waits for, the run's end, or LATER_SECONDS into it."""
         with self._lock:  # sent under the lock: whoever sends a cancel after this call sends it after
+            deadline = time.monotonic() + DISPATCH_WAIT_SECONDS
+            while run in self._untold and self._untold[run].sending and time.monotonic() < deadline:
+                self._dispatched.wait(0.05)  # another thread is sending its jobs: all of them first
             untold = self._untold.pop(run, None)
             if untold is not None:
-                self.link.send({"t": "assigned", "run": run, "ranks": untold[1]})
+                message = {"t": "assigned", "run": run, "ranks": list(untold.ranks)}
+                self.link.send(message)
 
-    def _send_job(self, preloaded: bool, job: dict, key: bytes) -> Standby | None:
+    def _send_job(self, standby: Standby | None, preloaded: bool, job: dict, key: bytes,
+                  untold: "_Untold") -> Standby | None:
+        """Give ``standby`` (or, if it died since its offer, another idle one) the job; None
+        when none is left."""
         run, rank = job["run"], job["rank_offset"] + job["local_rank"]
-        self._take_offers()
         while True:
             with self._lock:
-                idle = self._idle[preloaded]
-                if not idle:
-                    return None
-                standby = idle.pop(0)  # the oldest: finished starting long ago
+                if standby is None:
+                    idle = self._idle[preloaded]
+                    if not idle:
+                        return None
+                    standby = idle.pop(0)
                 standby.run, standby.rank = run, rank
                 standby.splitter = FrameSplitter(lambda channel: key if channel == run else None,
                                                  f"rank {rank} of {run} on {self.link.name}")
                 self._running[(run, rank)] = standby
+                untold.ranks.append([standby.sid, rank])
             try:
-                FrameWriter(standby.sock.fileno(), standby.key).send(job)
+                with standby.lock:  # not closed (and its descriptor number reused) meanwhile
+                    if standby.gone:
+                        raise BrokenPipeError("its socket is closed")
+                    FrameWriter(standby.sock.fileno(), standby.key).send(job)
                 self.jobs_sent += 1
                 return standby
             except OSError as e:  # it died since its offer: the next one
                 log.info("standby %s on %s is gone (%s); trying another", standby.pid, self.link.name, e)
                 with self._lock:
                     self._running.pop((run, rank), None)
+                    untold.ranks.remove([standby.sid, rank])
                 self._forget(standby)
+                standby = None
 
     # --- the end of a rank (the agent's reader thread) ----------------------------------------
     def drain(self, run: str, rank: int) -> None:
@@ -171,7 +213,8 @@ class DirectRanks:
         and the pool's watch once a second)."""
         now = time.monotonic()
         with self._lock:
-            due = [run for run, (since, _ranks) in self._untold.items() if now - since >= LATER_SECONDS]
+            due = [run for run, untold in self._untold.items()
+                   if not untold.sending and now - untold.since >= LATER_SECONDS]
         for run in due:
             self.tell_agent(run)
 
@@ -203,6 +246,7 @@ class DirectRanks:
                 os.close(fd)
             return False
         try:
+            os.set_inheritable(fds[0], False)  # not into the cell's subprocesses (os.system, Popen)
             info = msgpack.unpackb(about)
             standby = Standby(int(info["standby"]), int(info["pid"]), bytes(info["key"]), bool(info["preloaded"]),
                               socket.socket(fileno=fds[0]))
@@ -255,11 +299,12 @@ class DirectRanks:
             for idle in self._idle.values():
                 if standby in idle:
                     idle.remove(standby)
-        try:
-            self._poll.unregister(standby.sock.fileno())
-        except (OSError, ValueError):
-            pass
-        standby.sock.close()
+        with standby.lock:  # not while a job is being written to it (see _send_job)
+            try:
+                self._poll.unregister(standby.sock.fileno())
+            except (OSError, ValueError):
+                pass
+            standby.sock.close()
 
     # --- the end -----------------------------------------------------------------------------
     def close(self) -> None:
