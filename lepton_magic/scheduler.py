@@ -179,7 +179,8 @@ class ScheduledRun:
             current = self.current
         if current is not None and current.status != "queued" and not current.done.is_set():
             current.cancel(reason=reason, failure=failure)
-        # else: queued, or between attempts: the wait sees the cancel and ends the run instead
+        # else: queued, between attempts (the wait sees the cancel and ends the run instead), or
+        # starting (the attempt is cancelled once its ranks have their jobs, see _start_attempt)
 
     def abort(self, error: BaseException) -> None:
         if self.current is not None:
@@ -204,6 +205,10 @@ class ScheduledRun:
         with self._lock:
             self.current = live
         live.start()
+        with self._lock:
+            cancel = self._cancel
+        if cancel is not None:  # it came while the attempt started (its nodes made ready, its jobs sent)
+            live.cancel(reason=cancel[0], failure=cancel[1])
         if self._first_started is None:
             self._first_started = live.started_at
         if not spec.retries:

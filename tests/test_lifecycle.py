@@ -233,3 +233,37 @@ def test_a_node_that_cannot_be_started_leaves_no_agent_and_no_descriptor(tmp_pat
     session.store.close()
     leaked = set(os.listdir("/proc/self/fd")) - fds_before
     assert not [os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")]
+
+
+def test_a_cancel_while_the_run_is_being_started_is_not_lost(tmp_path, monkeypatch):
+    """Cancel comes while the run's nodes are still being made ready (a remote folder synced,
+    packages installed: here slowed down) and before any rank has its job: the run is cancelled
+    as soon as its ranks start, not left to run to its end."""
+    from lepton_magic import liverun
+
+    real_prepare = liverun.workdir.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(1.0)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(liverun.workdir, "prepare", slow_prepare)
+    session = Session(store=Store(tmp_path / "home"))
+    try:
+        session.up("local", 1)
+        submitted = []
+        submitter = threading.Thread(target=lambda: submitted.append(session.submit(SLEEPER, {}, nodes=1)))
+        submitter.start()
+        deadline = time.monotonic() + 30
+        while not session.live or next(iter(session.live.values())).current is None:
+            assert time.monotonic() < deadline, "the run was never scheduled"
+            time.sleep(0.01)
+        live = next(iter(session.live.values()))
+        assert live.current.status == "queued"  # its nodes are being made ready
+        live.cancel("cancelled while starting")
+        submitter.join(30)
+        run = submitted[0]
+        assert run.wait_done(10), f"the cancel was lost: the run is still {run.status}"
+        assert run.status == "cancelled" and run._row()["reason"] == "cancelled while starting"
+    finally:
+        session.close()
