@@ -61,8 +61,7 @@ def test_a_detached_run_outlives_its_killed_kernel_and_a_new_kernel_attaches(hom
         kernel_pid = first.manager.provisioner.process.pid
         assert keeper != kernel_pid and psutil.Process(keeper).is_running()
         os.kill(kernel_pid, signal.SIGKILL)  # the laptop's kernel dies mid-run
-        _wait_for(lambda: not psutil.pid_exists(kernel_pid) or
-                  psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE, 10, "the kernel dies")
+        first.manager.provisioner.process.wait(10)  # (reaped: no zombie left to later tests)
     finally:
         first.client.stop_channels()
         first.manager.cleanup_resources()
@@ -177,6 +176,7 @@ def test_a_detached_sweep_outlives_its_killed_kernel_and_a_new_kernel_gets_the_b
         kernel_pid = first.manager.provisioner.process.pid
         assert keeper != kernel_pid
         os.kill(kernel_pid, signal.SIGKILL)
+        first.manager.provisioner.process.wait(10)  # (reaped: no zombie left to later tests)
     finally:
         first.client.stop_channels()
         first.manager.cleanup_resources()

@@ -37,12 +37,20 @@ def _closed_port() -> int:
 def _our_sshd(sshd) -> psutil.Process:
     """The sshd this test session started (its children are the sessions it serves)."""
     config = str(sshd["dir"] / "sshd_config")
-    return next(p for p in psutil.Process().children() if config in " ".join(p.cmdline()))
+    return next(p for p in psutil.Process().children() if config in " ".join(_cmdline(p)))
 
 
 def _agents_of(sshd) -> list[psutil.Process]:
     return [p for p in _our_sshd(sshd).children(recursive=True)
-            if "lepton_magic.agent" in " ".join(p.cmdline())]
+            if "lepton_magic.agent" in " ".join(_cmdline(p))]
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    """A process's command line; none for one that has ended (a zombie another test left)."""
+    try:
+        return process.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return []
 
 
 def _connections_to(port: int) -> list:
