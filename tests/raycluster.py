@@ -89,8 +89,10 @@ class RayCluster:
         home = os.path.join(folder, "home")
         os.makedirs(home, exist_ok=True)
         open(os.path.join(home, "ray_bootstrap_config.yaml"), "w").close()
+        # A loaded 2-core machine registers raylets slowly, and starts a Ray Client connection's
+        # server slowly (Ray gives it 30 s; the suite once saw that run out).
         env = dict(os.environ, HOME=home, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
-                   RAY_raylet_start_wait_time_s="180")  # a loaded 2-core machine registers slowly
+                   RAY_raylet_start_wait_time_s="180", RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="120")
         cluster = cls(folder, _free_port(), _free_port(), env)
         try:
             cluster._ray_start(

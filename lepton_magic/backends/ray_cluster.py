@@ -23,10 +23,14 @@ from pathlib import Path
 
 from ..errors import LeptonError
 
+log = logging.getLogger("lepton_magic.backends")
+
 ACCEPTED_ADDRESSES = "auto, local, HOST:PORT (a driver, e.g. HOST:6379) or ray://HOST:PORT (Ray Client)"
 INSTALL_HINT = 'the ray backend needs Ray: pip install "lepton-magic[ray]"'
 #: A loopback address Ray keeps as it is (see the module's docstring).
 LOCAL_NODE_IP = "127.0.0.2"
+#: Connections asked of a Ray Client server (ray://) whose server side failed to start.
+CLIENT_INIT_ATTEMPTS = 2
 #: Resources worth naming when a request does not fit (not node:..., memory, object store).
 SHOWN_RESOURCES = re.compile(r"^(?!node:|memory$|object_store_memory$|accelerator_type:)")
 
@@ -100,13 +104,35 @@ def _init(ray, address: str) -> None:
                 ray.init(_node_ip_address=LOCAL_NODE_IP, include_dashboard=False,
                          _temp_dir=os.path.join(_Connection.local_dir, "t"), **options)
         else:
-            ray.init(address=address, **options)
+            _init_address(ray, address, options)
     except Exception as e:
         if _Connection.local_dir:
             shutil.rmtree(_Connection.local_dir, ignore_errors=True)
             _Connection.local_dir = None
         hint = "; start one, or use --address local for a throwaway cluster" if address == "auto" else ""
-        raise LeptonError(f"cannot connect to Ray at {address}: {first_line(e)}{hint}") from None
+        raise LeptonError(f"cannot connect to Ray at {address}: {_why(e)}{hint}") from None
+
+
+def _init_address(ray, address: str, options: dict) -> None:
+    """A cluster's address; through the Ray Client (ray://), a server that failed to start for
+    this connection (on a busy head it may not be ready within Ray's 30 s) is asked for again."""
+    for attempt in range(CLIENT_INIT_ATTEMPTS):
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionAbortedError as e:  # the server's side of the connection failed to start
+            if not address.startswith("ray://") or attempt == CLIENT_INIT_ATTEMPTS - 1:
+                raise
+            log.warning("the Ray Client server at %s did not start for this connection (%s); trying again",
+                        address, _why(e))
+
+
+def _why(error: Exception) -> str:
+    """One line: a Ray Client server's failure comes as its whole traceback, whose last line says it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Initialization failure from server"):
+        return f"{type(error).__name__}: {lines[0].rstrip(':')}: {lines[-1]}"[:300]
+    return first_line(error)
 
 
 @contextmanager
