@@ -47,26 +47,36 @@ def home(tmp_path):
     return str(tmp_path / "home")
 
 
-def test_a_detached_run_outlives_its_killed_kernel_and_a_new_kernel_attaches(home, tmp_path):
+def _detach_then_kill_the_kernel(home: str, folder: str, cell: str, name: str, going, what: str):
+    """Run ``cell`` (a detached one, named ``name``) in a real kernel; once ``going(store, row)``,
+    kill the kernel with SIGKILL, as a laptop's kernel dies. Returns the run's row and its keeper."""
     store = Store(home)
-    first = Kernel(home, str(tmp_path))
+    first = Kernel(home, folder)
     try:
         assert first.run("%load_ext lepton_magic").status == "ok"
-        reply = first.run(CELL.format(name="lasting"), timeout=60)
+        reply = first.run(cell, timeout=60)
         assert reply.status == "ok", reply.error
-        assert "detached" in reply.stdout
-        row = _wait_for(lambda: store.run_row("lasting"), 10, "the run is recorded")
-        _wait_for(lambda: len(_metric_counts(store, row["seq"])) >= 4, 60, "the run logs its first points")
-        keeper = store.run_row("lasting")["owner_pid"]
+        assert f"{name} detached" in reply.stdout
+        row = _wait_for(lambda: store.run_row(name), 10, "the run is recorded")
+        _wait_for(lambda: going(store, row), 60, what)
+        keeper = store.run_row(name)["owner_pid"]
         kernel_pid = first.manager.provisioner.process.pid
         assert keeper != kernel_pid and psutil.Process(keeper).is_running()
-        os.kill(kernel_pid, signal.SIGKILL)  # the laptop's kernel dies mid-run
+        os.kill(kernel_pid, signal.SIGKILL)
         first.manager.provisioner.process.wait(10)  # (reaped: no zombie left to later tests)
     finally:
         first.client.stop_channels()
         first.manager.cleanup_resources()
     time.sleep(1.0)
-    assert store.run_row("lasting")["status"] == "running", "the run died with its kernel"
+    assert store.run_row(name)["status"] == "running", "the run died with its kernel"
+    return row, keeper
+
+
+def test_a_detached_run_outlives_its_killed_kernel_and_a_new_kernel_attaches(home, tmp_path):
+    store = Store(home)
+    row, keeper = _detach_then_kill_the_kernel(
+        home, str(tmp_path), CELL.format(name="lasting"), "lasting",
+        lambda store, row: len(_metric_counts(store, row["seq"])) >= 4, "the run logs its first points")
 
     second = Kernel(home, str(tmp_path))
     try:
@@ -162,26 +172,11 @@ def test_a_detached_sweep_outlives_its_killed_kernel_and_a_new_kernel_gets_the_b
     started, every trial still runs once, and a later kernel that attaches gets the best one's
     outputs; a second detached sweep is cancelled from another process with its trials."""
     store = Store(home)
-    first = Kernel(home, str(tmp_path))
-    try:
-        assert first.run("%load_ext lepton_magic").status == "ok"
-        reply = first.run(SWEEP_CELL.format(name="tuned"), timeout=60)
-        assert reply.status == "ok", reply.error
-        assert "tuned detached" in reply.stdout
-        row = _wait_for(lambda: store.run_row("tuned"), 10, "the sweep is recorded")
-        assert row["detached"] and row["sweep"]
-        _wait_for(lambda: store.execute("SELECT COUNT(*) FROM runs WHERE parent=?", (row["seq"],))[0][0] >= 2,
-                  60, "the first trials start")
-        keeper = store.run_row("tuned")["owner_pid"]
-        kernel_pid = first.manager.provisioner.process.pid
-        assert keeper != kernel_pid
-        os.kill(kernel_pid, signal.SIGKILL)
-        first.manager.provisioner.process.wait(10)  # (reaped: no zombie left to later tests)
-    finally:
-        first.client.stop_channels()
-        first.manager.cleanup_resources()
-    time.sleep(1.0)
-    assert store.run_row("tuned")["status"] == "running", "the sweep died with its kernel"
+    row, keeper = _detach_then_kill_the_kernel(
+        home, str(tmp_path), SWEEP_CELL.format(name="tuned"), "tuned",
+        lambda store, row: store.execute("SELECT COUNT(*) FROM runs WHERE parent=?", (row["seq"],))[0][0] >= 2,
+        "the first trials start")
+    assert row["detached"] and row["sweep"]
 
     second = Kernel(home, str(tmp_path))
     try:
