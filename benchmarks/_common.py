@@ -97,13 +97,12 @@ class CpuPerCell:
         self.helper = sum(after[pid] - before for pid, before in self._helper.items() if pid in after)
         self.cores = psutil.cpu_count()
 
-    def report(self, cells: int) -> float:
+    def report(self, cells: int) -> None:
         per = lambda seconds: seconds / cells * 1e3  # noqa: E731
         rest = self.machine - self.own - self.helper
         print(f"    CPU per cell {per(self.machine):6.2f} ms: this process {per(self.own):.2f}, "
               f"{self.label} {per(self.helper):.2f}, processes that came and went and the OS "
               f"{per(rest):.2f}; floor on {self.cores} busy cores {per(self.machine) / self.cores:.2f} ms")
-        return self.machine / cells
 
 
 def _busy() -> float:

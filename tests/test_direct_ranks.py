@@ -297,7 +297,7 @@ def test_a_node_lost_while_the_agent_is_told_does_not_hang_the_thread_telling_it
 
     link, agent_r, agent_w, agent_offers, _key = _bare_node(on_lost)
     os.close(agent_r)  # the agent is gone: writing to it fails (EPIPE)
-    link.direct._untold["r-gone"] = _Untold(ranks=[[1, 0]], since=time.monotonic(), sending=False)
+    link.direct._untold["r-gone"] = _Untold(ranks=[[1, 0]], since=time.monotonic())
     teller = threading.Thread(target=link.direct.tell_agent, args=("r-gone",), daemon=True)
     teller.start()
     teller.join(3)

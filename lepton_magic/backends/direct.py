@@ -62,8 +62,11 @@ class _Untold:
     """A run whose agent has not been told yet whose ranks its standbys became."""
 
     ranks: list[list[int]] = field(default_factory=list)  # [standby id, rank], as jobs go
-    since: float = float("inf")  # when its jobs were all sent
-    sending: bool = True  # its jobs are being sent
+    since: float = float("inf")  # when its jobs were all sent (not yet: they are being sent)
+
+    @property
+    def sending(self) -> bool:
+        return self.since == float("inf")
 
 
 class DirectRanks:
@@ -113,7 +116,7 @@ class DirectRanks:
         try:
             for local_rank, rank in enumerate(ranks):
                 job = dict(message, t="job", local_rank=local_rank, key=key, preempting=False, direct=True)
-                standby = self._send_job(taken.pop(0) if taken else None, preloaded, job, key, untold)
+                standby = self._send_job(taken.pop(0), preloaded, job, key, untold)
                 if standby is None:
                     if not untold.ranks:
                         events = None  # nothing was sent (the standbys had died): the agent's way
@@ -125,7 +128,7 @@ class DirectRanks:
         finally:
             with self._lock:
                 self._idle[preloaded][:0] = taken  # (interrupted: those not given a job yet)
-                untold.since, untold.sending = time.monotonic(), False
+                untold.since = time.monotonic()
                 if events is None:
                     del self._untold[run]
                 self._dispatched.notify_all()
@@ -143,10 +146,9 @@ class DirectRanks:
                 self._dispatched.wait(0.05)  # another thread is sending its jobs: all of them first
             untold = self._untold.pop(run, None)
             if untold is not None:
-                message = {"t": "assigned", "run": run, "ranks": list(untold.ranks)}
-                self.link.send(message)
+                self.link.send({"t": "assigned", "run": run, "ranks": list(untold.ranks)})
 
-    def _send_job(self, standby: Standby | None, preloaded: bool, job: dict, key: bytes,
+    def _send_job(self, standby: Standby, preloaded: bool, job: dict, key: bytes,
                   untold: "_Untold") -> Standby | None:
         """Give ``standby`` (or, if it died since its offer, another idle one) the job; None
         when none is left."""
@@ -213,8 +215,7 @@ class DirectRanks:
         and the pool's watch once a second)."""
         now = time.monotonic()
         with self._lock:
-            due = [run for run, untold in self._untold.items()
-                   if not untold.sending and now - untold.since >= LATER_SECONDS]
+            due = [run for run, untold in self._untold.items() if now - untold.since >= LATER_SECONDS]
         for run in due:
             self.tell_agent(run)
 
