@@ -158,6 +158,22 @@ def test_cancelling_a_sweep_stops_its_trials_and_starts_no_more(session):
     assert len(trials) == 2 and set(trials["status"]) == {"cancelled"}
 
 
+def test_a_cancelled_sweep_ends_after_its_trials_ends_are_recorded(session, monkeypatch):
+    """A trial tells the sweep it ended before its run's row says so; the sweep must not end (and
+    show its trials still running) in between. CI saw it once; a slow store write shows it always."""
+    run = _two_trials_running(session, "x=[1,2,3]")
+    recorded = session.store.attempt_end
+
+    def slowly(*args):
+        time.sleep(2)
+        return recorded(*args)
+
+    monkeypatch.setattr(session.store, "attempt_end", slowly)
+    run.cancel()
+    assert run.wait_done(20) and run.status == "cancelled"
+    assert set(run.trials["status"]) == {"cancelled"}
+
+
 def test_a_named_study_goes_on_in_a_later_session(tmp_path):
     home = tmp_path / "home"
     code = "lepton.log(step=0, loss=(lr - 0.3) ** 2)\n"

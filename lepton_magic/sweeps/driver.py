@@ -36,6 +36,8 @@ log = logging.getLogger("lepton_magic.sweep")
 
 #: How often the driver looks at its running trials' reports (pruning) when nothing ends.
 POLL_SECONDS = 0.2
+#: How long an ended trial may take to record its end (a store write) before the sweep goes on.
+RECORD_SECONDS = 30
 
 
 @dataclasses.dataclass
@@ -207,8 +209,12 @@ class SweepRun:
             trial = self._trials.pop(number, None)
             if trial is None:
                 continue
-            self._feed_pruner(only=trial)  # the last reports
             live = trial.live
+            # It tells the sweep before its row records its end: let the row catch up, so that
+            # the sweep never ends while run.trials still shows one of its trials running.
+            if live is not None and not live.wait(RECORD_SECONDS):
+                log.warning("%s: trial %d did not record its end within %d s", self.name, number, RECORD_SECONDS)
+            self._feed_pruner(only=trial)  # the last reports
             status = live.status if live is not None else "failed"
             if trial.pruned_at is not None:
                 self.study.tell(trial.optuna, state=TrialState.PRUNED)
