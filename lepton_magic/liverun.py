@@ -383,13 +383,6 @@ class LiveRun:
             elif result is not None:
                 sharedmem.discard(result.get("shm"))
             self.ended_at = time.time()
-            # Whoever sees the end (status, done, the store) finds the outputs already there.
-            self.status = status
-            for callback in self.on_done:
-                try:
-                    callback(self)
-                except Exception:
-                    log.exception("a run-end callback failed")
             node_status = {"succeeded": "done", "failed": "failed", "cancelled": "cancelled"}[status]
             writes = [
                 ("UPDATE run_nodes SET status=? WHERE run=? AND status NOT IN ('lost', 'done')",
@@ -406,8 +399,16 @@ class LiveRun:
         except Exception:
             log.exception("recording the end of %s failed", self.name)
         finally:
+            # In this order, so that whoever sees the end sees all of it: the store (other
+            # processes, the sidebar), then this process's status and the run-end callbacks
+            # (bindings, a sweep taking its trial's end), then done. The outputs are loaded.
             self.status = status
-            keep = status == "succeeded" and bool(self.outputs)  # (a sweep may drop them once it ends)
+            keep = status == "succeeded" and bool(self.outputs)  # (before a sweep may drop them)
+            for callback in self.on_done:
+                try:
+                    callback(self)
+                except Exception:
+                    log.exception("a run-end callback failed")
             self._ended()
         if keep:  # after the waiter is woken: not on its way
             self._keep_outputs(result)

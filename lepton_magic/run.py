@@ -211,8 +211,11 @@ class Run:
     @property
     def outputs(self) -> dict[str, Any]:
         """The variables the cell assigned, from rank 0 (of a sweep: of its best trial)."""
-        if self._live is not None and self._live.done.is_set():
-            return dict(self._live.outputs)
+        if self._live is not None:
+            if self._live.status in TERMINAL:  # its end is being taken (the run-end callbacks)
+                self._live.wait(5)
+            if self._live.done.is_set():
+                return dict(self._live.outputs)
         from .liverun import OUTPUTS_FILE, outputs_dir, read_outputs
 
         row = self._row()

@@ -282,9 +282,10 @@ class ScheduledRun:
     def _end_between_attempts(self, status: str, reason: str, error: LeptonError | None) -> None:
         """The run ends while no attempt runs (cancelled during the backoff, no nodes)."""
         live = self.current
-        live.status, live.error, live.retrying = status, error or live.error, False
+        error = error or live.error
         self.store.update_run(self.seq, status=status, ended=time.time(), reason=reason,
-                              error={"type": "LeptonError", "message": str(live.error)} if live.error else None)
+                              error={"type": "LeptonError", "message": str(error)} if error else None)
+        live.status, live.error, live.retrying = status, error, False  # after the store: see LiveRun._finish
         for callback in self.spec.on_done:
             try:
                 callback(live)

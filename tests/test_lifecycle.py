@@ -267,3 +267,31 @@ def test_a_cancel_while_the_run_is_being_started_is_not_lost(tmp_path, monkeypat
         assert run.status == "cancelled" and run._row()["reason"] == "cancelled while starting"
     finally:
         session.close()
+
+
+def test_a_run_that_says_it_ended_has_its_end_in_the_store_and_its_outputs(tmp_path, monkeypatch):
+    """Whoever sees the end first (run.status in this kernel, lm.runs() and the sidebar through the
+    store) sees all of it: the row says so, the outputs are there. The store write is slowed so
+    that an ordering that shows the status before the row is written shows it every time."""
+    session = Session(store=Store(tmp_path / "home"))
+    try:
+        recorded = session.store.attempt_end
+
+        def slowly(*args):
+            time.sleep(1.0)
+            return recorded(*args)
+
+        monkeypatch.setattr(session.store, "attempt_end", slowly)
+        for code, outcome in (("x = 41 + 1\n", "succeeded"), ("raise ValueError('no')\n", "failed")):
+            run = session.submit(code, {}, nodes=1)
+            deadline = time.monotonic() + 60
+            while run.status not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert run.status == outcome
+            assert session.store.run_row(run.seq)["status"] == outcome
+            if outcome == "succeeded":
+                assert run.outputs == {"x": 42}
+            assert run.wait_done(10)
+    finally:
+        session.down()

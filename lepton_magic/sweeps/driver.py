@@ -36,7 +36,7 @@ log = logging.getLogger("lepton_magic.sweep")
 
 #: How often the driver looks at its running trials' reports (pruning) when nothing ends.
 POLL_SECONDS = 0.2
-#: How long an ended trial may take to record its end (a store write) before the sweep goes on.
+#: How long an ended trial may take to finish ending (nodes released, row written).
 RECORD_SECONDS = 30
 
 
@@ -210,8 +210,8 @@ class SweepRun:
             if trial is None:
                 continue
             live = trial.live
-            # It tells the sweep before its row records its end: let the row catch up, so that
-            # the sweep never ends while run.trials still shows one of its trials running.
+            # It tells the sweep before its end is whole: wait for its nodes to go back to the
+            # pool (the next trial takes them) and its row to be written (run.trials reads it).
             if live is not None and not live.wait(RECORD_SECONDS):
                 log.warning("%s: trial %d did not record its end within %d s", self.name, number, RECORD_SECONDS)
             self._feed_pruner(only=trial)  # the last reports
