@@ -96,8 +96,16 @@ def test_panel_throttles_redraws(recorded, monkeypatch):
     store, seq = recorded
     log_points(store, seq, 0, 10)
     p = RunPanel(RunView(store, seq))
+    draw = p._draw_curve
+
+    def slow_frame(force):  # a frame longer than the throttle's interval (a busy machine)
+        time.sleep(1.2 / panel_module.MAX_FPS)
+        draw(force)
+
+    monkeypatch.setattr(p, "_draw_curve", slow_frame)
     assert p.update() is True
-    assert p.update() is False  # too soon after the last frame
+    assert p.update() is False  # too soon after the last frame: counted from its end
+    monkeypatch.setattr(p, "_draw_curve", draw)
     monkeypatch.setattr(panel_module, "MAX_FPS", 1000.0)
     time.sleep(0.01)
     assert p.update() is True

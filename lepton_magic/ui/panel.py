@@ -147,7 +147,7 @@ class RunPanel:
         if not force and (self._frozen or now - self._last_draw < 1.0 / MAX_FPS):
             return False
         with self._lock:
-            self._last_draw = now
+            self._last_draw = now  # (an update asked for while this frame is drawn is too soon)
             if not self._frozen:
                 view = self.view.refresh()
                 self._draw_header()
@@ -156,6 +156,8 @@ class RunPanel:
             self._draw_logs()
             if not self._frozen and self.view.finished:
                 self._freeze()
+            # The interval counts from the frame's end: slow frames never follow each other back to back.
+            self._last_draw = time.monotonic()
         return True
 
     def _set(self, widget, value) -> None:
