@@ -42,12 +42,12 @@ def _jobs_sent(pool) -> int:
 def test_jobs_go_straight_and_outputs_come_back(ip, run_cell, pool):
     before = _jobs_sent(pool)
     for i in range(5):
-        time.sleep(0.2)  # a person's pace: the standbys that replace the last ones are offered by then
+        _wait_for_standbys(pool, 1)  # a person's pace: the standbys that replace the last ones are offered
         ip.user_ns["i"] = i
         result, out = run_cell("%%lepton --nodes 2\nsquare = i * i\nrank_pid = (lepton.rank, __import__('os').getpid())\n")
         assert result.success, out
         assert ip.user_ns["square"] == i * i
-    assert _jobs_sent(pool) - before >= 8  # (one that finds none offered yet goes through the agent)
+    assert _jobs_sent(pool) - before == 10
     run = lm.last_run()
     assert run.status == "succeeded"
     # The kernel said the ranks started (the agent used to): each node ran, and is done.

@@ -31,10 +31,18 @@ def _rank_pids(run, count, timeout=30.0):
     raise AssertionError(f"ranks did not start: {run._live.rank_pids}")
 
 
+def _some_points(run, timeout=30.0):
+    """The cell is running and has logged (a rank given its job may not have run a line yet)."""
+    deadline = time.monotonic() + timeout
+    while len(run.metrics) == 0:
+        assert time.monotonic() < deadline, "the cell logged nothing"
+        time.sleep(0.05)
+
+
 def test_cancel_stops_every_rank_within_5s(ip):
     run = lm.current_session().submit(SLEEPER, ip.user_ns, nodes=2)
     pids = _rank_pids(run, 2)
-    time.sleep(0.3)
+    _some_points(run)
     t0 = time.monotonic()
     run.cancel()
     assert run._live.wait(6.0)
@@ -109,7 +117,8 @@ KERNEL = textwrap.dedent(
     deadline = time.time() + 60
     while len(run._live.rank_pids) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.6)  # let some points reach the store
+    while len(run.metrics) == 0 and time.time() < deadline:  # some points in the store
+        time.sleep(0.05)
     pool = session.pool()
     agents = [link.facts["pid"] for link in pool.live_nodes]
     # A process the kernel forked holds copies of the agents' pipes: their EOF alone would

@@ -188,8 +188,8 @@ def test_cancel_mid_run_then_down_frees_the_placement_group(connected):
     _wait_for(lambda: run.status == "running" and len(run.metrics) >= 2, 60)
     started = time.monotonic()
     run.cancel()
-    run.wait_done(10)
-    assert run.status == "cancelled" and time.monotonic() - started < 6
+    assert run.wait_done(10)
+    assert run.status == "cancelled" and time.monotonic() - started < 10
     pool = connected.pool("ray")
     held = [g for g in _groups_of(pool.id) if g["state"] != "REMOVED"]  # (those of lost nodes went)
     assert held and all(g["state"] == "CREATED" for g in held)  # the warm nodes keep theirs

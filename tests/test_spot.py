@@ -243,8 +243,8 @@ def test_a_broken_metadata_service_never_stalls_the_agent(session, metadata, han
     for _ in range(8):  # across several polls (a hung one lasts its 2 s timeout)
         sent = time.monotonic()
         link.send({"t": "ping", "time": time.time()})
-        pongs.get(timeout=1.0)
-        assert time.monotonic() - sent < 0.5
+        pongs.get(timeout=3.0)
+        assert time.monotonic() - sent < 1.5  # (a stall behind a hung poll is 2 s)
         time.sleep(0.25)
     run = session.submit(SHORT_RUN, {}, nodes=1)
     run.wait(30)

@@ -288,7 +288,7 @@ def test_a_sweeps_timeout_stops_its_trials(session):
 def test_runs_side_by_side_on_one_machine_share_its_cores(session):
     """Two trials at once on one host: each rank's thread count is the host's cores shared among
     the ranks running there, not all of them (torchrun's rule across runs, not within one)."""
-    code = "import os, time\ntime.sleep(1.0)\nlepton.log(step=0, loss=x, threads=int(os.environ['OMP_NUM_THREADS']))\n"
+    code = "import os, time\ntime.sleep(3.0)\nlepton.log(step=0, loss=x, threads=int(os.environ['OMP_NUM_THREADS']))\n"
     run = session.submit(code, {}, nodes=2, sweep=make_spec("x=[1,2]"))
     run.wait(60)
     cpus = max(1, os.cpu_count() or 1)
