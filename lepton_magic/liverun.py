@@ -342,15 +342,30 @@ class LiveRun:
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
+    def stop_preparing(self, reason: str, failure: bool) -> None:
+        """A cancel (or timeout) while the nodes are made ready (a folder sync, a long --pip
+        install): stop waiting for them and tell them to stop; ``start`` then raises
+        ``workdir.Stopped``, and ``abort`` ends the run with the cancel's reason."""
+        if self.replies.stop(reason, failure):
+            self.store.add_event("cancel", {"reason": reason}, run=self.seq)
+            for link in self.nodes:
+                if link.alive:
+                    link.send({"t": "cancel", "run": self.id})  # the agent kills the run's install
+
     def abort(self, error: BaseException) -> None:
-        """Dispatch itself failed (a bad placement, an interrupt half-way): end the run now."""
+        """Dispatch itself failed (a bad placement, an interrupt half-way) or a cancel cut the
+        nodes' preparation short: end the run now."""
         interrupted = isinstance(error, KeyboardInterrupt)
         with self._lock:
-            if self.error is None and not interrupted:
-                self.error = error if isinstance(error, LeptonError) else LeptonError(
-                    f"could not start {self.name}: {type(error).__name__}: {error}")
-            self._cancel_reason = "interrupted while starting" if interrupted else "could not start"
-            self._cancel_is_failure = not interrupted
+            if isinstance(error, workdir.Stopped):
+                self._cancel_reason, self._cancel_is_failure = error.reason, error.failure
+            else:
+                if self.error is None and not interrupted:
+                    self.error = error if isinstance(error, LeptonError) else LeptonError(
+                        f"could not start {self.name}: {type(error).__name__}: {error}")
+                self._cancel_reason = "interrupted while starting" if interrupted else "could not start"
+                self._cancel_is_failure = not interrupted
+        self.replies.stop(self._cancel_reason, self._cancel_is_failure)  # (helpers still waiting on nodes)
         self._send_cancel()
         self._finish()
 

@@ -177,10 +177,13 @@ class ScheduledRun:
             self._cancel = (reason, failure)
             self._cancelled.set()
             current = self.current
-        if current is not None and current.status != "queued" and not current.done.is_set():
+        if current is None or current.done.is_set():
+            return  # between attempts: the wait sees the cancel and ends the run instead
+        if current.status != "queued":
             current.cancel(reason=reason, failure=failure)
-        # else: queued, between attempts (the wait sees the cancel and ends the run instead), or
-        # starting (the attempt is cancelled once its ranks have their jobs, see _start_attempt)
+        else:  # waiting for nodes, or starting: its nodes' preparation (a long install) stops now;
+            # ranks that already have their jobs are cancelled once all have (see _start_attempt)
+            current.stop_preparing(reason, failure)
 
     def abort(self, error: BaseException) -> None:
         if self.current is not None:

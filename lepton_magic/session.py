@@ -301,6 +301,8 @@ class Session:
         live = self._scheduled(pool, seq, run_id, name, spec, last)
         try:
             live.start(links)
+        except travel.Stopped as e:  # cancelled while its nodes were made ready: it ended so
+            live.abort(e)
         except BaseException as e:  # a bad placement, or Ctrl-C half-way through dispatch
             live.abort(e)
             raise

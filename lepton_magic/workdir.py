@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import LeptonError
 
@@ -263,12 +264,25 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 # --- before an attempt: the nodes made ready ---------------------------------------------------------
+class Stopped(LeptonError):
+    """The run was cancelled (or timed out) while its nodes were being made ready."""
+
+    def __init__(self, reason: str, failure: bool):
+        super().__init__(reason)
+        self.reason, self.failure = reason, failure
+
+
+_WAKE = {"t": "_stopped"}
+
+
 class Replies:
-    """The agents' answers to one run's requests, per node, in the order they came."""
+    """The agents' answers to one run's requests, per node, in the order they came. A cancel
+    stops every wait for them at once (``stop``)."""
 
     def __init__(self):
         self._queues: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
+        self.stopped: Stopped | None = None
 
     def _queue(self, name: str) -> queue.Queue:
         with self._lock:
@@ -277,11 +291,28 @@ class Replies:
     def put(self, link, message: dict) -> None:
         self._queue(link.name).put(message)
 
+    def stop(self, reason: str, failure: bool) -> bool:
+        """Wake every wait with ``Stopped``; False if it was stopped already."""
+        with self._lock:
+            if self.stopped is not None:
+                return False
+            self.stopped = Stopped(reason, failure)
+            queues = list(self._queues.values())
+        for q in queues:
+            q.put(_WAKE)
+        return True
+
+    def check(self) -> None:
+        if self.stopped is not None:
+            raise self.stopped
+
     def get(self, link, kinds: tuple[str, ...], timeout: float) -> dict:
-        """The node's next answer of one of ``kinds``; a node lost or silent raises."""
+        """The node's next answer of one of ``kinds``; a node lost or silent raises, and so
+        does a cancel (``Stopped``)."""
         q = self._queue(link.name)
         deadline = time.monotonic() + timeout
         while True:
+            self.check()
             if not link.alive:
                 raise LeptonError("the node was lost")
             try:
@@ -327,6 +358,7 @@ def prepare(live, first_ranks: dict[str, int]) -> dict[str, dict]:
     for t in threads:
         while t.is_alive():
             t.join(0.2)  # short waits: Ctrl-C reaches the kernel's thread
+    live.replies.check()  # a cancel came: that, not what it cut short, is the run's end
     if stats:
         first = live.nodes[0].name
         live.store.add_event("workdir", {
@@ -353,7 +385,7 @@ def _prepare_node(live, link, plan: Plan, first_rank: int, stats: dict) -> dict:
         sent = 0
         root = answer.get("root")
         if answer["t"] == "sync_need" and answer["need"]:
-            sent = _send_blobs(link, live.id, answer["need"], plan)
+            sent = _send_blobs(link, live.id, answer["need"], plan, live.replies.check)
             done = live.replies.get(link, ("sync_done",), SYNC_TIMEOUT)
             if done.get("error"):
                 raise NodeFailed("(the sync)", done["error"] + " (did a file change while it was sent? run again)")
@@ -376,8 +408,9 @@ def _prepare_node(live, link, plan: Plan, first_rank: int, stats: dict) -> dict:
     return out
 
 
-def _send_blobs(link, run: str, need: list[str], plan: Plan) -> int:
-    """The blobs a node lacks, in messages of at most BATCH_BYTES; returns the bytes sent."""
+def _send_blobs(link, run: str, need: list[str], plan: Plan, check: Callable[[], None]) -> int:
+    """The blobs a node lacks, in messages of at most BATCH_BYTES; returns the bytes sent.
+    ``check`` raises when the run was cancelled meanwhile."""
     parts: list = []
     buffers: list = []
     batch = sent = 0
@@ -385,6 +418,7 @@ def _send_blobs(link, run: str, need: list[str], plan: Plan) -> int:
     def flush() -> None:
         nonlocal parts, buffers, batch
         if parts:
+            check()
             link.send({"t": "blobs", "run": run, "parts": parts, "_buffers": buffers})
         parts, buffers, batch = [], [], 0
 

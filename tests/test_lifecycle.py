@@ -304,3 +304,64 @@ def test_a_run_that_says_it_ended_has_its_end_in_the_store_and_its_outputs(tmp_p
             assert run.wait_done(10)
     finally:
         session.down()
+
+
+SLOW_BACKEND = '''
+import os, time
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open(os.environ["SLOW_BUILD_PID"], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+    raise RuntimeError("never built")
+'''
+
+
+def test_a_cancel_cuts_a_long_package_install_short(tmp_path, monkeypatch):
+    """A cancel (or a timeout) while the nodes install --pip packages stops the install there and
+    then: the run ends cancelled within seconds, not when the install would have ended. The
+    package is a local one whose build (an in-tree backend, nothing to download) takes 2 minutes."""
+    package = tmp_path / "slowpkg"
+    package.mkdir()
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "slowback"\nbackend-path = ["."]\n'
+        '[project]\nname = "slowpkg"\nversion = "0"\n')
+    (package / "slowback.py").write_text(SLOW_BACKEND)
+    marker = tmp_path / "build.pid"
+    monkeypatch.setenv("SLOW_BUILD_PID", str(marker))
+    session = Session(store=Store(tmp_path / "home"))
+    cancelled_at = []
+
+    def cancel_once_building():
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        cancelled_at.append(time.monotonic())
+        session.get_run("slowpip").cancel()
+
+    canceller = threading.Thread(target=cancel_once_building, daemon=True)
+    canceller.start()
+    try:
+        run = session.submit("x = 1\n", {}, nodes=1, name="slowpip", pip=str(package))
+        assert run.wait_done(30)
+        ended = time.monotonic()
+        assert cancelled_at, "the build never started"
+        assert ended - cancelled_at[0] < 10, f"the run ended {ended - cancelled_at[0]:.1f} s after its cancel"
+        assert run.status == "cancelled" and session.store.run_row(run.seq)["reason"] == "cancelled by the user"
+        assert not wait_gone([int(marker.read_text())], 10), "the package build was left running"
+        assert session.pool().live_nodes, "the node went with the install"
+        assert session.submit("y = 2\n", {}, nodes=1).wait(60).status == "succeeded"  # and takes the next run
+
+        # A timeout while packages install (a hung pip) ends the run then, as failed. (The
+        # cancelled install left no environment: this one starts over.)
+        marker.unlink()
+        t0 = time.monotonic()
+        run = session.submit("x = 1\n", {}, nodes=1, timeout=4, pip=str(package))
+        assert run.wait_done(30) and run.status == "failed"
+        assert time.monotonic() - t0 < 14 and "timed out after 4 s" in str(run.error)
+        time.sleep(0.5)
+        if marker.exists():  # (the build had started)
+            assert not wait_gone([int(marker.read_text())], 10), "the package build was left running"
+    finally:
+        session.down()

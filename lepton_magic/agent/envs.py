@@ -53,9 +53,11 @@ def start_install(folder: Path, requirements: list[str], cwd: str | None) -> sub
     spec = folder.parent / f"{folder.name}.requirements.txt"
     spec.write_text("\n".join(requirements) + "\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # A session of its own, so that a cancel stops pip, its builds and all (agent/prepare.py).
     return subprocess.Popen([sys.executable, "-m", "lepton_magic.agent.envs", str(folder), str(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=cwd if cwd and os.path.isdir(cwd) else None, env=env, close_fds=True)
+                            cwd=cwd if cwd and os.path.isdir(cwd) else None, env=env, close_fds=True,
+                            start_new_session=True)
 
 
 # --- the installer process ---------------------------------------------------------------------

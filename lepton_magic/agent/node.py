@@ -517,6 +517,7 @@ class Agent:
                 self.take_output(proc, stream, early)
 
     def cancel(self, run: str) -> None:
+        self.preparer.cancel(run)  # (a cancel while the node was made ready for the run)
         for r in self.ranks:
             if r.run == run and r.killed is None:
                 r.signal(signal.SIGTERM)

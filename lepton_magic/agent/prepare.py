@@ -10,6 +10,7 @@ loop relays (``on_output``); nothing here blocks the loop for longer than a file
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ class Install:
         self.started = time.monotonic()
         self.partial = b""
         self.verdict: str | None = None
+        self.cancelled = False
 
 
 class Preparer:
@@ -37,6 +39,7 @@ class Preparer:
         self.send = send
         self.watch, self.unwatch = watch, unwatch
         self.mirror = Mirror()
+        self.installs: list[Install] = []  # running
 
     def on_message(self, message: dict) -> None:
         kind, run = message["t"], message["run"]
@@ -69,6 +72,19 @@ class Preparer:
         install = Install(message["run"], message.get("rank", 0), self.node, folder, proc)
         os.set_blocking(proc.stdout.fileno(), False)
         self.watch(proc.stdout.fileno(), install)
+        self.installs.append(install)
+
+    def cancel(self, run: str) -> None:
+        """The run was cancelled while this node was made ready for it: its sync is dropped and
+        its installs are stopped, pip and all (the next install of those packages starts over)."""
+        self.mirror.abandon(run)
+        for install in self.installs:
+            if install.run == run and not install.cancelled:
+                install.cancelled = True
+                try:
+                    os.killpg(install.proc.pid, signal.SIGKILL)  # a session of its own: see envs
+                except ProcessLookupError:
+                    pass
 
     def on_output(self, install: Install) -> None:
         """The installer printed (or ended): its lines go to the run's log, its verdict to the kernel."""
@@ -97,6 +113,9 @@ class Preparer:
             return
         self.unwatch(fd)
         install.proc.stdout.close()
+        self.installs.remove(install)
+        if install.cancelled:
+            install.verdict = f"{envs.FAILED}\t(the environment)\tcancelled"
         verdict = (install.verdict or f"{envs.FAILED}\t(the environment)\tthe installer ended without a word").split("\t")
         answer = {"t": "env_done", "run": install.run, "seconds": time.monotonic() - install.started,
                   "cached": False}
