@@ -248,7 +248,7 @@ class LiveRun:
         self._started.add(message["rank"])
         self.rank_pids[message["rank"]] = message["pid"]
         writes = [self.store.run_node_status(self.seq, link.name, "running")]
-        if first and self.status == "starting":
+        if first and self.status == "starting" and not self._finishing:  # (a late word of an ending run)
             self.status = "running"
             writes.append(self.store.run_update(self.seq, status="running"))
         return writes
@@ -347,7 +347,6 @@ class LiveRun:
         install): stop waiting for them and tell them to stop; ``start`` then raises
         ``workdir.Stopped``, and ``abort`` ends the run with the cancel's reason."""
         if self.replies.stop(reason, failure):
-            self.store.add_event("cancel", {"reason": reason}, run=self.seq)
             for link in self.nodes:
                 if link.alive:
                     link.send({"t": "cancel", "run": self.id})  # the agent kills the run's install
@@ -359,6 +358,7 @@ class LiveRun:
         with self._lock:
             if isinstance(error, workdir.Stopped):
                 self._cancel_reason, self._cancel_is_failure = error.reason, error.failure
+                self.store.add_event("cancel", {"reason": error.reason}, run=self.seq)
             else:
                 if self.error is None and not interrupted:
                     self.error = error if isinstance(error, LeptonError) else LeptonError(
@@ -419,12 +419,14 @@ class LiveRun:
             # (bindings, a sweep taking its trial's end), then done. The outputs are loaded.
             self.status = status
             keep = status == "succeeded" and bool(self.outputs)  # (before a sweep may drop them)
-            for callback in self.on_done:
-                try:
-                    callback(self)
-                except Exception:
-                    log.exception("a run-end callback failed")
-            self._ended()
+            try:
+                for callback in self.on_done:
+                    try:
+                        callback(self)
+                    except Exception:
+                        log.exception("a run-end callback failed")
+            finally:
+                self._ended()
         if keep:  # after the waiter is woken: not on its way
             self._keep_outputs(result)
 

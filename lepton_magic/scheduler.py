@@ -21,7 +21,7 @@ from . import compat
 from .errors import LeptonError
 from .inputs import Inputs
 from .liverun import LiveRun
-from .workdir import Plan
+from .workdir import Plan, Stopped
 
 log = logging.getLogger("lepton_magic.scheduler")
 
@@ -207,6 +207,9 @@ class ScheduledRun:
         live = self._attempt(links)
         with self._lock:
             self.current = live
+            cancel = self._cancel
+        if cancel is not None:  # it came while the nodes were acquired: this attempt never starts
+            raise Stopped(*cancel)
         live.start()
         with self._lock:
             cancel = self._cancel

@@ -282,14 +282,16 @@ class Session:
         live = self._start(pool, seq, run_id, name, spec)
         return Run(self.store, seq, live, self)
 
-    def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec, last: bool = True) -> ScheduledRun:
+    def _start(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec, last: bool = True,
+               scheduled: Callable[[ScheduledRun], None] | None = None) -> ScheduledRun:
         """Nodes for a recorded run, checked, and its first attempt dispatched; or, when every
-        node the pool may hold is busy, the run queued for the next free ones."""
+        node the pool may hold is busy, the run queued for the next free ones. ``scheduled``
+        hears of the run as soon as it exists (before its nodes are made ready)."""
         try:
             links = pool.acquire(spec.nodes, run_id)
             compat.check(links, needs_torch=spec.preload, gpus=spec.gpus, local=spec.local)
         except PoolBusy as busy:
-            live = self._scheduled(pool, seq, run_id, name, spec, last)
+            live = self._scheduled(pool, seq, run_id, name, spec, last, scheduled)
             live.start_queued(str(busy))
             return live
         except LeptonError as e:
@@ -298,7 +300,7 @@ class Session:
             self.store.update_run(seq, status="failed", ended=time.time(),
                                   error={"type": "LeptonError", "message": str(e)})
             raise
-        live = self._scheduled(pool, seq, run_id, name, spec, last)
+        live = self._scheduled(pool, seq, run_id, name, spec, last, scheduled)
         try:
             live.start(links)
         except travel.Stopped as e:  # cancelled while its nodes were made ready: it ended so
@@ -309,13 +311,15 @@ class Session:
         return live
 
     def _scheduled(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec,
-                   last: bool = True) -> ScheduledRun:
+                   last: bool = True, scheduled: Callable[[ScheduledRun], None] | None = None) -> ScheduledRun:
         live = ScheduledRun(store=self.store, pool=pool, seq=seq, run_id=run_id, name=name, spec=spec)
         with self._lock:
             self.live[run_id] = live
             if last:
                 self._last_live = live
                 self.last_seq = seq
+        if scheduled is not None:
+            scheduled(live)
         return live
 
     def _submit_sweep(self, run_id: str, name: str | None, spec: RunSpec, record: dict, sweep: "SweepSpec",
@@ -371,10 +375,11 @@ class Session:
             raise
         return live
 
-    def start_trial(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec) -> ScheduledRun:
+    def start_trial(self, pool: Pool, seq: int, run_id: str, name: str, spec: RunSpec,
+                    scheduled: Callable[[ScheduledRun], None] | None = None) -> ScheduledRun:
         """One trial of a sweep: an ordinary run (queued when the pool is busy), not the last run."""
         spec.on_done = [self._forget, *spec.on_done]
-        return self._start(pool, seq, run_id, name, spec, last=False)
+        return self._start(pool, seq, run_id, name, spec, last=False, scheduled=scheduled)
 
     def _submit_detached(self, run_id: str, name: str | None, spec: RunSpec, record: dict,
                          namespace: dict | None, sweep: "SweepSpec | None" = None,

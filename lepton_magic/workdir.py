@@ -398,6 +398,7 @@ def _prepare_node(live, link, plan: Plan, first_rank: int, stats: dict) -> dict:
             out["paths"] = [f"{root}/{MODULES_DIR}"]
     if plan.requirements:
         started = time.monotonic()
+        live.replies.check()  # (no install begun for a run cancelled meanwhile)
         link.send({"t": "env", "run": live.id, "requirements": plan.requirements, "rank": first_rank, "cwd": root})
         answer = live.replies.get(link, ("env_done",), INSTALL_TIMEOUT)
         if answer.get("error"):

@@ -17,6 +17,7 @@ from lepton_magic.session import Session
 from lepton_magic.store import Store
 
 from procs import descendants, wait_gone
+from slowpkg import once_building, slow_package
 
 SLEEPER = "import time\nfor i in range(600):\n    lepton.log(step=i, t=i)\n    time.sleep(0.1)\n"
 
@@ -306,42 +307,13 @@ def test_a_run_that_says_it_ended_has_its_end_in_the_store_and_its_outputs(tmp_p
         session.down()
 
 
-SLOW_BACKEND = '''
-import os, time
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    with open(os.environ["SLOW_BUILD_PID"], "w") as f:
-        f.write(str(os.getpid()))
-    time.sleep(120)
-    raise RuntimeError("never built")
-'''
-
-
 def test_a_cancel_cuts_a_long_package_install_short(tmp_path, monkeypatch):
     """A cancel (or a timeout) while the nodes install --pip packages stops the install there and
     then: the run ends cancelled within seconds, not when the install would have ended. The
     package is a local one whose build (an in-tree backend, nothing to download) takes 2 minutes."""
-    package = tmp_path / "slowpkg"
-    package.mkdir()
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = []\nbuild-backend = "slowback"\nbackend-path = ["."]\n'
-        '[project]\nname = "slowpkg"\nversion = "0"\n')
-    (package / "slowback.py").write_text(SLOW_BACKEND)
-    marker = tmp_path / "build.pid"
-    monkeypatch.setenv("SLOW_BUILD_PID", str(marker))
+    package, marker = slow_package(tmp_path, monkeypatch)
     session = Session(store=Store(tmp_path / "home"))
-    cancelled_at = []
-
-    def cancel_once_building():
-        deadline = time.monotonic() + 120
-        while not marker.exists() or not marker.read_text():
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
-        cancelled_at.append(time.monotonic())
-        session.get_run("slowpip").cancel()
-
-    canceller = threading.Thread(target=cancel_once_building, daemon=True)
-    canceller.start()
+    cancelled_at = once_building(marker, lambda: session.get_run("slowpip").cancel())
     try:
         run = session.submit("x = 1\n", {}, nodes=1, name="slowpip", pip=str(package))
         assert run.wait_done(30)

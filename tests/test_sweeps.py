@@ -16,6 +16,8 @@ from lepton_magic.magics import LeptonMagics
 from lepton_magic.session import Session
 from lepton_magic.store import Store
 from lepton_magic.sweeps.space import make_spec
+from procs import wait_gone
+from slowpkg import once_building, slow_package
 
 SEEN = """import time
 lepton.log(step=0, lr_seen=lr, width_seen=width, trial_seen=lepton.trial)
@@ -172,6 +174,23 @@ def test_a_cancelled_sweep_ends_after_its_trials_ends_are_recorded(session, monk
     run.cancel()
     assert run.wait_done(20) and run.status == "cancelled"
     assert set(run.trials["status"]) == {"cancelled"}
+
+
+def test_cancelling_a_sweep_stops_a_trial_whose_packages_are_installing(tmp_path, monkeypatch):
+    """The sweep's loop waits on the start of a trial whose node installs its --pip packages: a
+    cancel of the sweep reaches that trial there (its install stops), not once it is done."""
+    package, marker = slow_package(tmp_path, monkeypatch)
+    session = Session(store=Store(tmp_path / "home"))
+    try:
+        run = session.submit("y = x\n", {}, nodes=1, pip=str(package), sweep=make_spec("x=[1,2]"))
+        cancelled_at = once_building(marker, run.cancel)
+        assert run.wait_done(150)
+        assert cancelled_at, "the build never started"
+        assert time.monotonic() - cancelled_at[0] < 10
+        assert run.status == "cancelled" and set(run.trials["status"]) == {"cancelled"}
+        assert not wait_gone([int(marker.read_text())], 10), "the package build was left running"
+    finally:
+        session.down()
 
 
 def test_a_named_study_goes_on_in_a_later_session(tmp_path):

@@ -517,12 +517,12 @@ class Agent:
                 self.take_output(proc, stream, early)
 
     def cancel(self, run: str) -> None:
-        self.preparer.cancel(run)  # (a cancel while the node was made ready for the run)
         for r in self.ranks:
             if r.run == run and r.killed is None:
                 r.signal(signal.SIGTERM)
                 r.killed = "SIGTERM"
                 r.kill_at = time.monotonic() + KILL_GRACE_SECONDS
+        self.preparer.cancel(run)  # (a cancel while the node was made ready for the run)
 
     def on_spot_notice(self) -> None:
         """The instance is to be reclaimed: tell the kernel, and every running rank (its

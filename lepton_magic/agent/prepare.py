@@ -77,13 +77,16 @@ class Preparer:
     def cancel(self, run: str) -> None:
         """The run was cancelled while this node was made ready for it: its sync is dropped and
         its installs are stopped, pip and all (the next install of those packages starts over)."""
-        self.mirror.abandon(run)
+        try:
+            self.mirror.abandon(run)
+        except OSError:  # a temporary blob that will not go is litter, not a reason to keep going
+            pass
         for install in self.installs:
             if install.run == run and not install.cancelled:
                 install.cancelled = True
                 try:
                     os.killpg(install.proc.pid, signal.SIGKILL)  # a session of its own: see envs
-                except ProcessLookupError:
+                except OSError:  # gone already (or its group number taken since)
                     pass
 
     def on_output(self, install: Install) -> None:

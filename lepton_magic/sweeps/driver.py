@@ -88,6 +88,7 @@ class SweepRun:
         self._ended: queue.Queue[int] = queue.Queue()
         self._wake = threading.Event()
         self._cancel: tuple[str, bool] | None = None
+        self._starting = None  # the trial being started (its ScheduledRun)
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._counts = {"succeeded": 0, "failed": 0, "pruned": 0, "cancelled": 0}
@@ -116,7 +117,18 @@ class SweepRun:
             if self.done.is_set() or self._cancel is not None:
                 return
             self._cancel = (reason, failure)
+            starting = self._starting
         self._wake.set()
+        if starting is not None:  # the loop waits on its start (a long --pip install): stop it there
+            starting.cancel(reason=reason)
+
+    def _trial_scheduled(self, trial) -> None:
+        """A trial's run exists and is about to start: a cancel of the sweep from now on reaches it."""
+        with self._lock:
+            self._starting = trial
+            cancel = self._cancel
+        if cancel is not None:
+            trial.cancel(reason=cancel[0])
 
     def abort(self, error: BaseException) -> None:
         self.cancel(reason=f"could not start: {error}", failure=True)
@@ -186,11 +198,15 @@ class SweepRun:
                                    on_done=[lambda live, n=n: self._trial_ended(n)])
         self._trials[n] = record
         try:
-            record.live = self.session.start_trial(self.pool, seq, child_id, name, spec)
+            record.live = self.session.start_trial(self.pool, seq, child_id, name, spec,
+                                                   scheduled=self._trial_scheduled)
         except LeptonError as e:  # it could not start (recorded as failed): a failed trial
             record.live = None
             self._record_error(n, e)
             self._trial_ended(n)
+        finally:
+            with self._lock:
+                self._starting = None
         log.info("%s: trial %d started with %s", self.name, n, trial.params)
 
     def _trial_ended(self, number: int) -> None:
