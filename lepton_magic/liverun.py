@@ -149,7 +149,12 @@ class LiveRun:
                                                self.started_at))
         self.pool.attach_run(self)
         # The mirror of the notebook's folder and the run's packages, on every node at once.
-        ready = workdir.prepare(self, {link.name: first for _n, link, first, _l in plan})
+        try:
+            ready = workdir.prepare(self, {link.name: first for _n, link, first, _l in plan})
+        except BaseException:  # (a node that could not be made ready, a cancel): an attempt that
+            # ended before it ran is recorded all the same, its nodes and start with it
+            self.store.write([*writes, self.store.run_update(self.seq, started=self.started_at)])
+            raise
         # Dispatch first, record after: the nodes start while the store is written. Events that
         # arrive meanwhile wait for the lock, so 'running' never lands before 'starting'.
         stager = getattr(self.pool.backend, "stager", None)

@@ -321,6 +321,10 @@ def test_a_cancel_cuts_a_long_package_install_short(tmp_path, monkeypatch):
         assert cancelled_at, "the build never started"
         assert ended - cancelled_at[0] < 10, f"the run ended {ended - cancelled_at[0]:.1f} s after its cancel"
         assert run.status == "cancelled" and session.store.run_row(run.seq)["reason"] == "cancelled by the user"
+        # Recorded like any attempt that ended: where it was to run, when, and why it ended.
+        attempts = run.attempts
+        assert list(attempts["reason"]) == ["cancelled by the user"] and attempts["ended"].notna().all()
+        assert list(run.nodes["status"]) == ["cancelled"] and session.store.run_row(run.seq)["started"]
         assert not wait_gone([int(marker.read_text())], 10), "the package build was left running"
         assert session.pool().live_nodes, "the node went with the install"
         assert session.submit("y = 2\n", {}, nodes=1).wait(60).status == "succeeded"  # and takes the next run
